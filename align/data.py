@@ -1,0 +1,334 @@
+"""Datasets: read, detect the format, validate every row, split.
+
+Formats are TRL's (see DESIGN.md), so Hugging Face datasets work unchanged:
+
+- sft: `{"messages": [...]}` or `{"prompt": ..., "completion": ...}` (strings or message lists)
+- preference: `{"prompt": ..., "chosen": ..., "rejected": ...}`
+- prompts: `{"prompt": ...}`
+
+Sources: a JSONL, JSON, Parquet or CSV file, a folder written by `save_to_disk`, or a
+hub dataset name where a network exists. Every problem is raised as an `AlignError`
+naming the file, the row (the 1-based line for JSONL), the field and what was expected.
+
+Decision: SFT rows in prompt/completion form are turned into messages (user prompt,
+assistant completion) so the one chat template renders every row the same way; the
+loss then falls on the completion only through the assistant mask.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from align.errors import AlignError, where
+
+ROLES = ("system", "user", "assistant")
+KINDS = {
+    "sft": "{'messages': [...]} or {'prompt': ..., 'completion': ...}",
+    "preference": "{'prompt': ..., 'chosen': ..., 'rejected': ...}",
+    "prompts": "{'prompt': ...}",
+}
+
+
+@dataclass
+class Rows:
+    """Validated rows plus where they came from, for error messages and hashes."""
+
+    source: str
+    rows: list[dict]
+    numbers: list[int]  # the row (or JSONL line) number of each row, for messages
+    by_line: bool  # numbers are JSONL line numbers
+
+    def at(self, i: int) -> str:
+        return where(self.source, self.numbers[i], line=self.by_line)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def read_rows(source: str) -> Rows:
+    """Read raw rows from a file, a save_to_disk folder or the hub; no validation yet."""
+    path = Path(source)
+    if path.is_dir():
+        return _read_saved_dataset(path)
+    if path.exists():
+        suffix = path.suffix.lower()
+        if suffix in (".jsonl", ".ndjson"):
+            return _read_jsonl(path)
+        if suffix == ".json":
+            return _read_json(path)
+        if suffix == ".parquet":
+            return _read_table(path, "parquet")
+        if suffix == ".csv":
+            return _read_table(path, "csv")
+        raise AlignError(f"{path}: unsupported file type '{suffix}'; expected .jsonl, .json, .parquet, .csv "
+                         "or a folder written by datasets' save_to_disk")
+    if _looks_like_path(source):
+        raise AlignError(f"{source}: no such file or folder")
+    return _read_hub(source)
+
+
+def _looks_like_path(source: str) -> bool:
+    return (source.startswith((".", "/", "~")) or source.count("/") != 1
+            or Path(source).suffix.lower() in (".jsonl", ".json", ".parquet", ".csv", ".ndjson"))
+
+
+def _read_jsonl(path: Path) -> Rows:
+    rows, numbers = [], []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise AlignError(f"{path}: cannot read file ({e.__class__.__name__}: {e})") from None
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise AlignError(f"{where(path, n, line=True)}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise AlignError(f"{where(path, n, line=True)}: expected a JSON object per line, got {_kind(row)}")
+        rows.append(row)
+        numbers.append(n)
+    return Rows(str(path), rows, numbers, by_line=True)
+
+
+def _read_json(path: Path) -> Rows:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise AlignError(f"{path}: cannot read file ({e.__class__.__name__}: {e})") from None
+    except json.JSONDecodeError as e:
+        raise AlignError(f"{path}, line {e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise AlignError(f"{path}: expected a JSON list of objects (or {{'data': [...]}}), got {_kind(data)}")
+    for i, row in enumerate(data, start=1):
+        if not isinstance(row, dict):
+            raise AlignError(f"{where(path, i)}: expected a JSON object, got {_kind(row)}")
+    return Rows(str(path), data, list(range(1, len(data) + 1)), by_line=False)
+
+
+def _read_table(path: Path, kind: str) -> Rows:
+    import datasets
+
+    try:
+        ds = datasets.Dataset.from_parquet(str(path)) if kind == "parquet" else datasets.Dataset.from_csv(str(path))
+    except Exception as e:  # pyarrow and pandas raise many types for a bad file
+        raise AlignError(f"{path}: cannot read as {kind} ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
+    rows = [_from_table_cell(r) for r in ds.to_list()]
+    return Rows(str(path), rows, list(range(1, len(rows) + 1)), by_line=False)
+
+
+def _from_table_cell(row: dict) -> dict:
+    # CSV cannot hold a list, so message lists there are JSON text; decode them.
+    out = {}
+    for k, v in row.items():
+        if isinstance(v, str) and v.startswith("[{") and v.endswith("}]"):
+            try:
+                v = json.loads(v)
+            except json.JSONDecodeError:
+                pass
+        out[k] = v
+    return out
+
+
+def _read_saved_dataset(path: Path) -> Rows:
+    import datasets
+
+    if not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
+        raise AlignError(f"{path}: folder is not a dataset written by save_to_disk "
+                         "(no dataset_info.json or dataset_dict.json)")
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise AlignError(f"{path}: DatasetDict has no 'train' split; splits: {', '.join(ds)}")
+        ds = ds["train"]
+    rows = ds.to_list()
+    return Rows(str(path), rows, list(range(1, len(rows) + 1)), by_line=False)
+
+
+def _read_hub(name: str) -> Rows:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split="train")
+    except Exception as e:  # offline, missing, gated: all say the same thing to the user
+        first = str(e).splitlines()[0] if str(e) else e.__class__.__name__
+        raise AlignError(f"{name}: not a local file or folder, and loading it from the hub failed ({first})") from None
+    rows = ds.to_list()
+    return Rows(name, rows, list(range(1, len(rows) + 1)), by_line=False)
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
+            bool: "true/false", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def detect_format(row: dict) -> str:
+    if "chosen" in row or "rejected" in row:
+        return "preference"
+    if "messages" in row:
+        return "messages"
+    if "completion" in row:
+        return "prompt_completion"
+    if "prompt" in row:
+        return "prompts"
+    return "unknown"
+
+
+def load_rows(source: str, kind: str) -> Rows:
+    """Read `source` and validate every row as `kind` ('sft', 'preference' or 'prompts')."""
+    data = read_rows(source)
+    if not data.rows:
+        raise AlignError(f"{source}: dataset is empty; expected rows like {KINDS[kind]}")
+    for i, row in enumerate(data.rows):
+        _check_row(row, kind, data.at(i))
+    return data
+
+
+def _check_row(row: dict, kind: str, at: str) -> None:
+    fmt = detect_format(row)
+    if kind == "sft":
+        if fmt == "messages":
+            _check_messages(row["messages"], "messages", at, must_end_with="assistant")
+        elif fmt == "prompt_completion":
+            _check_required(row, ("prompt", "completion"), at)
+            _check_turn(row["prompt"], "prompt", at, last_role="user")
+            _check_turn(row["completion"], "completion", at, last_role="assistant")
+        else:
+            _missing(row, ("messages",) if "prompt" not in row else ("completion",), kind, at)
+    elif kind == "preference":
+        _check_required(row, ("chosen", "rejected"), at)
+        if "prompt" in row:
+            _check_turn(row["prompt"], "prompt", at, last_role="user")
+        elif not isinstance(row["chosen"], list):
+            _missing(row, ("prompt",), kind, at)
+        _check_turn(row["chosen"], "chosen", at, last_role="assistant", implicit=("prompt" not in row))
+        _check_turn(row["rejected"], "rejected", at, last_role="assistant", implicit=("prompt" not in row))
+        if row["chosen"] == row["rejected"]:
+            raise AlignError(f"{at}: 'chosen' and 'rejected' are identical; a preference pair needs two "
+                             "different responses")
+    elif kind == "prompts":
+        _check_required(row, ("prompt",), at)
+        _check_turn(row["prompt"], "prompt", at, last_role="user")
+    else:
+        raise ValueError(kind)
+
+
+def _check_required(row: dict, fields: tuple[str, ...], at: str) -> None:
+    missing = [f for f in fields if f not in row or row[f] is None]
+    if missing:
+        raise AlignError(f"{at}: missing field '{missing[0]}'; row has {sorted(row)}")
+
+
+def _missing(row: dict, fields, kind: str, at: str) -> None:
+    raise AlignError(f"{at}: missing field '{fields[0]}'; expected rows like {KINDS[kind]}, row has {sorted(row)}")
+
+
+def _check_turn(value: Any, field: str, at: str, last_role: str, implicit: bool = False) -> None:
+    """A string, or a message list (a prompt ends with a user turn; a response is assistant turns)."""
+    if isinstance(value, str):
+        if implicit:
+            raise AlignError(f"{at}: field '{field}': without a 'prompt' field it must be a message list "
+                             "holding the prompt turns too")
+        if not value.strip():
+            raise AlignError(f"{at}: field '{field}' is empty; expected non-empty text")
+        return
+    if not isinstance(value, list):
+        raise AlignError(f"{at}: field '{field}': expected a string or a list of messages, got {_kind(value)}")
+    if last_role == "assistant" and not implicit:
+        if not value:
+            raise AlignError(f"{at}: field '{field}' is an empty list; expected an assistant message")
+        for j, msg in enumerate(value):
+            _check_message(msg, f"{field}[{j}]", at)
+            if msg["role"] != "assistant":
+                raise AlignError(f"{at}: field '{field}[{j}].role' is '{msg['role']}'; a response holds "
+                                 "assistant messages only")
+        return
+    _check_messages(value, field, at, must_end_with=last_role)
+
+
+def _check_message(msg: Any, field: str, at: str) -> None:
+    if not isinstance(msg, dict):
+        raise AlignError(f"{at}: field '{field}': expected a message object, got {_kind(msg)}")
+    for key in ("role", "content"):
+        if key not in msg:
+            raise AlignError(f"{at}: field '{field}' has no '{key}'; expected {{'role': ..., 'content': ...}}")
+    if msg["role"] not in ROLES:
+        raise AlignError(f"{at}: field '{field}.role' is {msg['role']!r}; expected one of {', '.join(ROLES)}")
+    if not isinstance(msg["content"], str):
+        raise AlignError(f"{at}: field '{field}.content': expected a string, got {_kind(msg['content'])}")
+    if not msg["content"].strip():
+        raise AlignError(f"{at}: field '{field}.content' is empty; expected non-empty text")
+
+
+def _check_messages(messages: Any, field: str, at: str, must_end_with: str) -> None:
+    """An optional system turn, then user and assistant turns alternating, starting with user."""
+    if not isinstance(messages, list):
+        raise AlignError(f"{at}: field '{field}': expected a list of messages, got {_kind(messages)}")
+    if not messages:
+        raise AlignError(f"{at}: field '{field}' is an empty list; expected at least one message")
+    expected = "user"
+    for j, msg in enumerate(messages):
+        _check_message(msg, f"{field}[{j}]", at)
+        role = msg["role"]
+        if role == "system" and j == 0:
+            continue
+        if role != expected:
+            raise AlignError(f"{at}: field '{field}[{j}].role' is '{role}' where '{expected}' was expected; "
+                             "roles must be an optional system turn, then user and assistant alternating")
+        expected = "assistant" if role == "user" else "user"
+    if messages[-1]["role"] != must_end_with:
+        raise AlignError(f"{at}: field '{field}' ends with a '{messages[-1]['role']}' turn; "
+                         f"expected it to end with '{must_end_with}'")
+
+
+def as_messages(row: dict) -> list[dict]:
+    """An SFT row as one message list (prompt/completion rows become user + assistant turns)."""
+    if "messages" in row:
+        return [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+    prompt, completion = row["prompt"], row["completion"]
+    prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    completion = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else list(completion)
+    return [{"role": m["role"], "content": m["content"]} for m in prompt + completion]
+
+
+def split(rows: list, eval_fraction: float, seed: int) -> tuple[list, list]:
+    """Shuffle with `seed`, hold out ceil(n * eval_fraction) rows (at least 1 when asked, never all)."""
+    if eval_fraction <= 0 or len(rows) < 2:
+        return list(rows), []
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(len(rows) - 1, max(1, math.ceil(len(rows) * eval_fraction)))
+    held = set(order[:n_eval])
+    return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
+
+
+def fingerprint(source: str) -> str:
+    """sha256 of a file, of every file in a folder (names and bytes), or of a hub name."""
+    path = Path(source)
+    h = hashlib.sha256()
+    if path.is_file():
+        _hash_file(h, path)
+    elif path.is_dir():
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            h.update(str(f.relative_to(path)).encode() + b"\0")
+            _hash_file(h, f)
+    elif _looks_like_path(source):
+        raise AlignError(f"{source}: no such file or folder")
+    else:
+        h.update(b"hub:" + source.encode())
+    return h.hexdigest()
+
+
+def _hash_file(h, path: Path) -> None:
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)

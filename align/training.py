@@ -1,0 +1,138 @@
+"""What every TRL-backed stage shares: trainer arguments from the recipe, the per-step log,
+checkpoint markers, resume, and the atomic save of the final model.
+
+A stage module reads top to bottom as setup (data, model, `trainer_args`), loop
+(`train_with_resume`), save (`save_model`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from align.artifacts import (CHECKPOINT_OK, StepLog, complete_checkpoints, drop_incomplete_checkpoints,
+                             peak_rss_mb, save_folder_atomically)
+from align.config import TrainStage
+from align.models import use_bf16
+
+log = logging.getLogger("align")
+
+
+def trainer_args(stage: TrainStage, out_dir: Path, has_eval: bool) -> dict:
+    """Keyword arguments shared by every TRL config class (SFTConfig, DPOConfig, ...)."""
+    bf16 = use_bf16()
+    eval_every = stage.eval_steps if has_eval and stage.eval_steps > 0 else None
+    return dict(
+        output_dir=str(out_dir / "checkpoints"),
+        learning_rate=stage.lr,
+        num_train_epochs=stage.epochs,
+        max_steps=stage.max_steps,
+        per_device_train_batch_size=stage.batch_size,
+        per_device_eval_batch_size=stage.batch_size,
+        gradient_accumulation_steps=stage.grad_accum,
+        warmup_steps=stage.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        lr_scheduler_type=stage.lr_scheduler,
+        weight_decay=stage.weight_decay,
+        max_grad_norm=stage.max_grad_norm,
+        gradient_checkpointing=stage.gradient_checkpointing,
+        bf16=bf16,  # TRL defaults to bf16, which fails or crawls on most CPUs
+        fp16=False,
+        logging_steps=stage.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if eval_every else "no",
+        eval_steps=eval_every,
+        save_strategy="steps",
+        save_steps=stage.save_steps,
+        save_total_limit=stage.save_total_limit,
+        report_to=[] if stage.report_to == "none" else [stage.report_to],
+        seed=stage.seed,
+        data_seed=stage.seed,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        disable_tqdm=False,
+        save_only_model=False,  # optimizer, scheduler and RNG go into checkpoints: resume is exact
+    )
+
+
+class AlignCallback(TrainerCallback):
+    """Writes `log.jsonl` (with tokens/s and peak memory) and marks finished checkpoints."""
+
+    def __init__(self, step_log: StepLog):
+        self.step_log = step_log
+        self.last_time = None
+        self.last_tokens = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.last_time = time.perf_counter()
+        self.last_tokens = state.num_input_tokens_seen or 0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs:
+            return
+        t = time.perf_counter()
+        tokens = state.num_input_tokens_seen or 0
+        record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs}
+        if "loss" in logs and t > self.last_time:
+            record["tokens_per_s"] = round((tokens - self.last_tokens) / (t - self.last_time), 1)
+            self.last_time, self.last_tokens = t, tokens
+        record["peak_rss_mb"] = round(peak_rss_mb(), 1)
+        import torch
+
+        if torch.cuda.is_available():
+            record["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        self.step_log.append(record)
+
+    def on_save(self, args, state, control, **kwargs):
+        # Called after the trainer wrote model, optimizer, scheduler, RNG and trainer_state:
+        # only now does the checkpoint count as one to resume from.
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if ckpt.is_dir():
+            (ckpt / CHECKPOINT_OK).write_text(str(state.global_step))
+
+
+def resume_point(out_dir: Path) -> Path | None:
+    ckpt_dir = out_dir / "checkpoints"
+    dropped = drop_incomplete_checkpoints(ckpt_dir)
+    if dropped:
+        log.warning("dropped checkpoints that a killed run left half-written: %s", ", ".join(dropped))
+    found = complete_checkpoints(ckpt_dir)
+    return found[-1] if found else None
+
+
+def train_with_resume(trainer, out_dir: Path, step_log: StepLog) -> dict:
+    """Train, resuming from the newest complete checkpoint if a killed run left one."""
+    ckpt = resume_point(out_dir)
+    if ckpt is not None:
+        step = int(ckpt.name.rsplit("-", 1)[1])
+        log.info("resuming from %s (step %d)", ckpt, step)
+        step_log.truncate_after(step)
+    result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    metrics = dict(result.metrics)
+    metrics["global_step"] = trainer.state.global_step
+    metrics["resumed_from_step"] = int(ckpt.name.rsplit("-", 1)[1]) if ckpt else None
+    metrics["num_input_tokens_seen"] = trainer.state.num_input_tokens_seen
+    return metrics
+
+
+def save_model(model, tokenizer, out: Path, merge_lora: bool) -> None:
+    """Save the policy to `out` atomically: a PEFT adapter (or merged weights on request)."""
+    from peft import PeftModel
+
+    def save(tmp: Path) -> None:
+        to_save = model
+        if isinstance(model, PeftModel) and merge_lora:
+            to_save = model.merge_and_unload()
+        to_save.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    save_folder_atomically(out, save)
+
+
+def finite(x):
+    return x if isinstance(x, (int, float)) and math.isfinite(x) else None
