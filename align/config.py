@@ -220,7 +220,8 @@ class _Context:
     from_cli: set[str]
 
     def origin(self, key: str) -> str:
-        return f"override '{key}'" if key in self.from_cli else self.source
+        hit = next((k for k in sorted(self.from_cli) if k == key or k.startswith(key + ".")), None)
+        return f"override '{hit}'" if hit else self.source
 
 
 def _suggest(name: str, valid) -> str:
