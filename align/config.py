@@ -187,7 +187,7 @@ def recipe_from_dict(raw: dict, source: str = "<recipe>", from_cli: set[str] = f
             stage.seed = recipe.seed
         for required in ("model", "data"):
             if not getattr(stage, required):
-                raise AlignError(f"{ctx.origin(key)}: '{key}.{required}' is missing; "
+                raise AlignError(f"{ctx.origin(f'{key}.{required}')}: '{key}.{required}' is missing; "
                                  f"expected {_FIELD_HELP[required]}")
         ref = STAGE_REF.match(stage.model)
         if ref and ref.group(1) not in seen:

@@ -84,7 +84,7 @@ def _read_jsonl(path: Path) -> Rows:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise AlignError(f"{path}: cannot read file ({e.__class__.__name__}: {e})") from None
-    for n, line in enumerate(text.splitlines(), start=1):
+    for n, line in enumerate(text.split("\n"), start=1):  # not splitlines(): JSON strings may hold U+2028
         if not line.strip():
             continue
         try:
@@ -306,7 +306,8 @@ def split(rows: list, eval_fraction: float, seed: int) -> tuple[list, list]:
         return list(rows), []
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
-    n_eval = min(len(rows) - 1, max(1, math.ceil(len(rows) * eval_fraction)))
+    # round first: 100 * 0.07 is 7.000000000000001, whose ceil would hold out 8 rows
+    n_eval = min(len(rows) - 1, max(1, math.ceil(round(len(rows) * eval_fraction, 9))))
     held = set(order[:n_eval])
     return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
 

@@ -1,0 +1,115 @@
+"""SFT on the tiny model: learning shown by held-out loss, and outputs that plain libraries load."""
+
+import json
+
+import torch
+from peft import AutoPeftModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from align.config import load_recipe
+from align.runner import run_recipe
+from conftest import tiny_sft_stage, write_recipe
+
+
+def held_out_loss(model, tok, rows) -> float:
+    """Mean loss over assistant tokens of `rows`, computed here without TRL."""
+    losses = []
+    model.eval()
+    for messages in rows:
+        enc = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        ids = torch.tensor([enc["input_ids"]])
+        labels = ids.clone()
+        labels[0, torch.tensor(enc["assistant_masks"]) == 0] = -100
+        with torch.no_grad():
+            losses.append(model(input_ids=ids, labels=labels).loss.item())
+    return sum(losses) / len(losses)
+
+
+def test_full_sft_lowers_held_out_loss(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", out, {"sft": tiny_sft_stage(tiny_model, epochs=3)}))
+    metrics = run_recipe(recipe)["sft"]
+
+    # Random weights over a 512-token vocabulary start near ln(512) = 6.24.
+    assert 5.5 < metrics["eval_loss_before"] < 7.0
+    assert metrics["eval_loss"] < 2.0
+    assert metrics["eval_loss"] < 0.35 * metrics["eval_loss_before"]
+    assert metrics["global_step"] == 102  # ceil(540 / 16) * 3 epochs
+
+    # The saved model is a plain transformers folder, and it is the trained one.
+    saved = out / "sft" / "model"
+    model = AutoModelForCausalLM.from_pretrained(saved)
+    tok = AutoTokenizer.from_pretrained(saved)
+    rows = [json.loads(line)["messages"] for line in open(tiny_sft_stage(tiny_model)["data"])][:40]
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert held_out_loss(model, tok, rows) < 0.4 * held_out_loss(base, tok, rows)
+
+    manifest = json.loads((out / "sft" / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert manifest["config"]["lr"] == 3e-3
+    assert {"torch", "transformers", "trl"} <= set(manifest["versions"])
+    log = [json.loads(line) for line in (out / "sft" / "log.jsonl").read_text().splitlines()]
+    train_logs = [r for r in log if "loss" in r]
+    assert train_logs[-1]["loss"] < train_logs[0]["loss"] - 2
+    assert all(r["tokens_per_s"] > 0 and r["peak_rss_mb"] > 0 for r in train_logs)
+    assert (out / "report.md").read_text().count("eval_loss") >= 2
+
+
+def test_lora_sft_on_an_earlier_stage_saves_an_adapter_that_peft_loads(tiny_model, tmp_path):
+    # LoRA cannot sharpen a random model's logits (the frozen embeddings bound them), so as in real
+    # use it refines a model that already learned something: a short full SFT first.
+    out = tmp_path / "run"
+    stages = {"sft": tiny_sft_stage(tiny_model, epochs=1),
+              "sft_lora": tiny_sft_stage("${sft}", type="sft", lr=1e-2, epochs=4,
+                                         lora={"r": 16, "alpha": 32, "dropout": 0.0})}
+    metrics = run_recipe(load_recipe(write_recipe(tmp_path / "r.yaml", out, stages)))
+    first, second = metrics["sft"], metrics["sft_lora"]
+    assert abs(second["eval_loss_before"] - first["eval_loss"]) < 1e-4  # it started from the first stage's model
+    assert second["eval_loss"] < second["eval_loss_before"] - 0.15
+
+    saved = out / "sft_lora" / "model"
+    assert (saved / "adapter_config.json").exists() and not (saved / "model.safetensors").exists()
+    model = AutoPeftModelForCausalLM.from_pretrained(saved)
+    start = AutoModelForCausalLM.from_pretrained(out / "sft" / "model")
+    tok = AutoTokenizer.from_pretrained(saved)
+    rows = [json.loads(line)["messages"] for line in open(stages["sft"]["data"])][:40]
+    assert held_out_loss(model, tok, rows) < held_out_loss(start, tok, rows) - 0.15
+
+
+def test_lora_merged_on_request_is_a_full_model(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    stage = tiny_sft_stage(tiny_model, max_steps=5, lora={"r": 4, "target_modules": ["q_proj", "v_proj"]},
+                           merge_lora=True)
+    run_recipe(load_recipe(write_recipe(tmp_path / "r.yaml", out, {"sft": stage})))
+    saved = out / "sft" / "model"
+    assert not (saved / "adapter_config.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(saved)
+    assert not any("lora" in name for name, _ in model.named_parameters())
+
+
+def test_assistant_only_loss_ignores_prompt_tokens(tiny_model, tmp_path):
+    """With assistant-only loss the model learns answers, not prompts: prompt-token loss stays high."""
+    out = tmp_path / "run"
+    stage = tiny_sft_stage(tiny_model, epochs=3)
+    run_recipe(load_recipe(write_recipe(tmp_path / "r.yaml", out, {"sft": stage})))
+    model = AutoModelForCausalLM.from_pretrained(out / "sft" / "model").eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    answer_loss = held_out_loss(model, tok, [[{"role": "user", "content": "Count from 4 to 7."},
+                                              {"role": "assistant", "content": "4 5 6 7"}]])
+    ids = torch.tensor([tok.encode("<|im_start|>user\nCount from 4 to 7.<|im_end|>\n")])
+    with torch.no_grad():
+        prompt_loss = model(input_ids=ids, labels=ids).loss.item()
+    assert answer_loss < 2.5
+    assert prompt_loss > answer_loss + 2.0, (prompt_loss, answer_loss)
+
+
+def test_prompt_completion_rows_and_drop_policy(tiny_model, tmp_path):
+    data = tmp_path / "pc.jsonl"
+    rows = [{"prompt": f"Count from {a} to {a + 3}.", "completion": " ".join(str(i) for i in range(a, a + 4))}
+            for a in range(1, 16)] * 4
+    rows.append({"prompt": "Repeat: " + "cat " * 80, "completion": "cat " * 80})  # far past max_length
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stage = tiny_sft_stage(tiny_model, data=str(data), too_long="drop", max_steps=10, eval_fraction=0.0)
+    metrics = run_recipe(load_recipe(write_recipe(tmp_path / "r.yaml", tmp_path / "run", {"sft": stage})))["sft"]
+    assert metrics["rows_too_long"] == 1
+    assert metrics["train_rows"] == 60
