@@ -224,7 +224,20 @@ class _Context:
         return f"override '{hit}'" if hit else self.source
 
 
+# TRL / transformers names people type out of habit, and ours.
+_KNOWN_ALIASES = {
+    "learning_rate": "lr", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "lr_scheduler_type": "lr_scheduler",
+    "model_name_or_path": "model", "dataset": "data", "dataset_name": "data", "train_data": "data",
+    "eval_dataset": "eval_data", "max_seq_length": "max_length", "use_peft": "lora", "peft": "lora",
+    "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "lora_target_modules": "target_modules",
+}
+
+
 def _suggest(name: str, valid) -> str:
+    valid = list(valid)
+    if _KNOWN_ALIASES.get(name) in valid:
+        return f" (did you mean '{_KNOWN_ALIASES[name]}'?)"
     close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
