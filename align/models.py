@@ -122,6 +122,14 @@ def _convert_gguf(path: Path, out: Path, default_system: str | None) -> None:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as e:  # gguf raises plain ValueError/KeyError for unsupported files
         raise AlignError(f"{path}: cannot convert GGUF ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
+    # On a CPU the GGUF loader dequantizes every weight into plain Linear layers, but the model still
+    # carries the quantizer, which refuses to save; drop it so the folder is an ordinary fp32 checkpoint.
+    if any(type(m).__name__.startswith("Gguf") for m in model.modules()):
+        raise AlignError(f"{path}: the GGUF weights stayed packed (a GGUF kernel is installed); "
+                         "uninstall `kernels` to convert to a plain folder")
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     _ensure_pad_token(tokenizer)
     if tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template:
         tokenizer.chat_template = chatml_template(default_system)
