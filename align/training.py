@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -26,6 +27,9 @@ log = logging.getLogger("align")
 def trainer_args(stage: TrainStage, out_dir: Path, has_eval: bool) -> dict:
     """Keyword arguments shared by every TRL config class (SFTConfig, DPOConfig, ...)."""
     bf16 = use_bf16()
+    if stage.report_to == "tensorboard":
+        # transformers 5 dropped `logging_dir`; its TensorBoard callback reads this variable instead.
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(out_dir / "tensorboard")
     eval_every = stage.eval_steps if has_eval and stage.eval_steps > 0 else None
     return dict(
         output_dir=str(out_dir / "checkpoints"),

@@ -113,3 +113,25 @@ def test_prompt_completion_rows_and_drop_policy(tiny_model, tmp_path):
     metrics = run_recipe(load_recipe(write_recipe(tmp_path / "r.yaml", tmp_path / "run", {"sft": stage})))["sft"]
     assert metrics["rows_too_long"] == 1
     assert metrics["train_rows"] == 60
+
+
+def test_packing_and_tensorboard(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    stage = tiny_sft_stage(tiny_model, packing=True, max_steps=12, report_to="tensorboard", eval_steps=6,
+                           logging_steps=2)
+    metrics = run_recipe(load_recipe(write_recipe(tmp_path / "r.yaml", out, {"sft": stage})))["sft"]
+    # Packed rows fill max_length=64, so 12 steps of 16 rows see far more tokens than unpacked rows (~27 each).
+    assert metrics["num_input_tokens_seen"] > 12 * 16 * 40
+    assert metrics["eval_loss"] < metrics["eval_loss_before"]
+    assert list((out / "sft" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_dry_run_checks_data_and_trains_nothing(tiny_model, tmp_path, python):
+    import subprocess
+
+    out = tmp_path / "run"
+    path = write_recipe(tmp_path / "r.yaml", out, {"sft": tiny_sft_stage(tiny_model)})
+    r = subprocess.run([python, "-m", "align", "run", str(path), "--dry-run"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "sft (sft)" in r.stdout and "600 rows" in r.stdout and "not run" in r.stdout
+    assert not (out / "sft").exists()
