@@ -79,8 +79,53 @@ class SFTStage(TrainStage):
     packing: bool = False  # pack several short examples into one max_length row
 
 
-# The stage types a recipe may use. Later stage types add an entry here.
-STAGE_TYPES: dict[str, type[TrainStage]] = {"sft": SFTStage}
+@dataclass
+class RewardStage(TrainStage):
+    """Bradley-Terry reward model over TRL's RewardTrainer; a `margin` column in the data is used when present."""
+
+    lr: float = 1e-4
+    center_rewards: float | None = None  # e.g. 0.01 pushes mean reward towards 0 (TRL center_rewards_coefficient)
+
+
+# Every loss TRL 1.16's DPOTrainer implements (tests check this list against TRL's).
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+DPOLoss = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]
+
+
+@dataclass
+class PolicyEval:
+    """Knobs for scoring the policy with the recipe's reward model before and after a stage."""
+
+    reward_model: str | None = None  # ${stage}; default: the latest earlier reward stage, if any
+    eval_prompts: int = 32  # held-out prompts whose greedy completions are scored
+    max_new_tokens: int = 64
+
+
+@dataclass
+class DPOStage(TrainStage, PolicyEval):
+    lr: float = 5e-6
+    beta: float = 0.1  # higher keeps the policy closer to the reference
+    loss_type: DPOLoss = "sigmoid"
+    nll_weight: float = 0.0  # > 0 adds an NLL term on chosen (RPO), against falling chosen log-probs
+    label_smoothing: float = 0.0  # robust / exo_pair only
+    ref_cache: bool = True  # reference log-probs computed once and kept on disk (ALIGN_CACHE/ref_logps)
+
+
+@dataclass
+class KTOStage(TrainStage, PolicyEval):
+    lr: float = 5e-6
+    beta: float = 0.1
+    desirable_weight: float = 1.0  # raise when thumbs-up rows are rarer than thumbs-down
+    undesirable_weight: float = 1.0
+
+
+# The stage types a recipe may use.
+STAGE_TYPES: dict[str, type[TrainStage]] = {"sft": SFTStage, "reward": RewardStage, "dpo": DPOStage,
+                                            "kto": KTOStage}
+# The data kind (align.data) each stage type reads.
+STAGE_DATA = {"sft": "sft", "reward": "preference", "dpo": "preference", "kto": "kto"}
 
 
 @dataclass
@@ -189,18 +234,32 @@ def recipe_from_dict(raw: dict, source: str = "<recipe>", from_cli: set[str] = f
             if not getattr(stage, required):
                 raise AlignError(f"{ctx.origin(f'{key}.{required}')}: '{key}.{required}' is missing; "
                                  f"expected {_FIELD_HELP[required]}")
-        ref = STAGE_REF.match(stage.model)
-        if ref and ref.group(1) not in seen:
-            later = ref.group(1) in stages_raw
-            raise AlignError(f"{ctx.origin(key + '.model')}: '{key}.model' refers to stage '{ref.group(1)}', "
-                             + ("which runs later; a stage can only use earlier stages"
-                                if later else f"which does not exist; stages before it: {', '.join(seen) or 'none'}"))
+        for ref_key in ("model", "reward_model"):
+            _check_stage_ref(getattr(stage, ref_key, None), f"{key}.{ref_key}", seen, stages_raw, ctx)
+        if getattr(stage, "reward_model", None):
+            target = stages_raw.get(STAGE_REF.match(stage.reward_model).group(1)) or {}
+            if str(target.get("type") or STAGE_REF.match(stage.reward_model).group(1)) != "reward":
+                raise AlignError(f"{ctx.origin(key + '.reward_model')}: '{key}.reward_model' must name a stage "
+                                 "of type reward")
         if not 0.0 <= stage.eval_fraction < 1.0:
             raise AlignError(f"{ctx.origin(key + '.eval_fraction')}: '{key}.eval_fraction' must be in [0, 1), "
                              f"got {stage.eval_fraction}")
         recipe.stages[name] = stage
         seen.append(name)
     return recipe
+
+
+def _check_stage_ref(value: str | None, key: str, seen: list[str], stages_raw: dict, ctx: _Context) -> None:
+    if not value:
+        return
+    ref = STAGE_REF.match(value)
+    if key.endswith(".reward_model") and not ref:
+        raise AlignError(f"{ctx.origin(key)}: '{key}' must name an earlier reward stage as ${{name}}; got {value!r}")
+    if ref and ref.group(1) not in seen:
+        later = ref.group(1) in stages_raw
+        raise AlignError(f"{ctx.origin(key)}: '{key}' refers to stage '{ref.group(1)}', "
+                         + ("which runs later; a stage can only use earlier stages"
+                            if later else f"which does not exist; stages before it: {', '.join(seen) or 'none'}"))
 
 
 def config_dict(obj: Any) -> Any:

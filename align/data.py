@@ -32,6 +32,8 @@ KINDS = {
     "sft": "{'messages': [...]} or {'prompt': ..., 'completion': ...}",
     "preference": "{'prompt': ..., 'chosen': ..., 'rejected': ...}",
     "prompts": "{'prompt': ...}",
+    "unpaired": "{'prompt': ..., 'completion': ..., 'label': true|false}",
+    "kto": "{'prompt': ..., 'completion': ..., 'label': true|false} or preference pairs",
 }
 
 
@@ -215,6 +217,21 @@ def _check_row(row: dict, kind: str, at: str) -> None:
         if row["chosen"] == row["rejected"]:
             raise AlignError(f"{at}: 'chosen' and 'rejected' are identical; a preference pair needs two "
                              "different responses")
+        if "prompt" not in row and row["chosen"][:-1] != row["rejected"][:-1]:
+            raise AlignError(f"{at}: 'chosen' and 'rejected' have different prompt turns; without a 'prompt' "
+                             "field, every message before the final assistant turn must be the same in both")
+        margin = row.get("margin")
+        if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
+            raise AlignError(f"{at}: field 'margin': expected a number, got {_kind(margin)}")
+    elif kind == "kto":
+        _check_row(row, "preference" if ("chosen" in row or "rejected" in row) else "unpaired", at)
+    elif kind == "unpaired":
+        _check_required(row, ("prompt", "completion", "label"), at)
+        _check_turn(row["prompt"], "prompt", at, last_role="user")
+        _check_turn(row["completion"], "completion", at, last_role="assistant")
+        if not isinstance(row["label"], bool):
+            raise AlignError(f"{at}: field 'label': expected true (desirable) or false (undesirable), "
+                             f"got {row['label']!r}")
     elif kind == "prompts":
         _check_required(row, ("prompt",), at)
         _check_turn(row["prompt"], "prompt", at, last_role="user")
@@ -298,6 +315,39 @@ def as_messages(row: dict) -> list[dict]:
     prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     completion = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else list(completion)
     return [{"role": m["role"], "content": m["content"]} for m in prompt + completion]
+
+
+def _turns(value, role: str) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def as_preference(row: dict) -> dict:
+    """A validated preference row as message lists: {prompt, chosen, rejected} (+ margin when given).
+
+    The implicit-prompt form (chosen/rejected holding the whole chat) is split at the final
+    assistant turn, so every stage sees the prompt on its own."""
+    if "prompt" in row:
+        prompt = _turns(row["prompt"], "user")
+        chosen, rejected = _turns(row["chosen"], "assistant"), _turns(row["rejected"], "assistant")
+    else:
+        prompt = _turns(row["chosen"][:-1], "user")
+        chosen, rejected = _turns(row["chosen"][-1:], "assistant"), _turns(row["rejected"][-1:], "assistant")
+    out = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    if row.get("margin") is not None:
+        out["margin"] = float(row["margin"])
+    return out
+
+
+def as_unpaired(row: dict) -> list[dict]:
+    """KTO rows {prompt, completion, label} from an unpaired row, or two from a preference pair."""
+    if "label" in row:
+        return [{"prompt": _turns(row["prompt"], "user"), "completion": _turns(row["completion"], "assistant"),
+                 "label": row["label"]}]
+    pair = as_preference(row)
+    return [{"prompt": pair["prompt"], "completion": pair["chosen"], "label": True},
+            {"prompt": pair["prompt"], "completion": pair["rejected"], "label": False}]
 
 
 def split(rows: list, eval_fraction: float, seed: int) -> tuple[list, list]:

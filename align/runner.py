@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from align.artifacts import hash_json, library_versions, now, read_json, write_json, write_text
-from align.config import STAGE_REF, Recipe, config_dict
+from align.config import STAGE_DATA, STAGE_REF, Recipe, config_dict
 from align.data import fingerprint
 from align.errors import AlignError
 from align.models import TINY_DEFAULTS, resolve_model, weights_fingerprint
@@ -28,6 +28,18 @@ def stage_runner(stage_type: str):
         from align.stages import sft
 
         return sft.run
+    if stage_type == "reward":
+        from reward import train
+
+        return train.run
+    if stage_type == "dpo":
+        from align.stages import dpo
+
+        return dpo.run
+    if stage_type == "kto":
+        from align.stages import kto
+
+        return kto.run
     raise AlignError(f"no runner for stage type '{stage_type}'")
 
 
@@ -47,7 +59,20 @@ def model_input(recipe: Recipe, spec: str) -> tuple[str, dict]:
     return path, ident
 
 
-def stage_inputs(recipe: Recipe, name: str) -> tuple[str, dict]:
+def reward_stage_for(recipe: Recipe, name: str) -> str | None:
+    """The reward stage a policy stage is scored with: its `reward_model`, else the latest earlier one."""
+    stage = recipe.stages[name]
+    explicit = getattr(stage, "reward_model", None)
+    if explicit:
+        return STAGE_REF.match(explicit).group(1)
+    if not hasattr(stage, "reward_model"):
+        return None
+    earlier = list(recipe.stages)[: list(recipe.stages).index(name)]
+    rewards = [n for n in earlier if recipe.stages[n].type == "reward"]
+    return rewards[-1] if rewards else None
+
+
+def stage_inputs(recipe: Recipe, name: str) -> tuple[str, str | None, dict]:
     stage = recipe.stages[name]
     model_path, model_id = model_input(recipe, stage.model)
     inputs = {
@@ -56,7 +81,11 @@ def stage_inputs(recipe: Recipe, name: str) -> tuple[str, dict]:
         "data": fingerprint(stage.data),
         "eval_data": fingerprint(stage.eval_data) if stage.eval_data else None,
     }
-    return model_path, inputs
+    reward_path = None
+    reward_stage = reward_stage_for(recipe, name)
+    if reward_stage:
+        reward_path, inputs["reward_model"] = model_input(recipe, "${" + reward_stage + "}")
+    return model_path, reward_path, inputs
 
 
 def run_recipe(recipe: Recipe, only: list[str] | None = None) -> dict[str, dict]:
@@ -79,7 +108,7 @@ def run_recipe(recipe: Recipe, only: list[str] | None = None) -> dict[str, dict]
 def run_stage(recipe: Recipe, name: str) -> dict:
     stage = recipe.stages[name]
     out_dir = recipe.stage_dir(name)
-    model_path, inputs = stage_inputs(recipe, name)
+    model_path, reward_path, inputs = stage_inputs(recipe, name)
     input_hash = hash_json(inputs)
     manifest_path = out_dir / "manifest.json"
     manifest = read_json(manifest_path) or {}
@@ -112,7 +141,9 @@ def run_stage(recipe: Recipe, name: str) -> dict:
     write_json(manifest_path, manifest)
     log.info("stage %s (%s): model %s, data %s -> %s", name, stage.type, stage.model, stage.data, out_dir)
     try:
-        metrics = stage_runner(stage.type)(stage, name, out_dir, model_path)
+        run = stage_runner(stage.type)
+        extra = {"reward_path": reward_path} if reward_path else {}
+        metrics = run(stage, name, out_dir, model_path, **extra)
     except BaseException as e:
         manifest.update(status="failed", error=f"{e.__class__.__name__}: {e}"[:500], ended_at=now())
         write_json(manifest_path, manifest)
@@ -121,7 +152,9 @@ def run_stage(recipe: Recipe, name: str) -> dict:
     manifest.update(status="complete", ended_at=now())
     write_json(manifest_path, manifest)
     summary = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
-                        if k in ("train_loss", "eval_loss_before", "eval_loss") and isinstance(v, float))
+                        if k in ("train_loss", "eval_loss_before", "eval_loss", "eval_accuracy",
+                                 "eval_rewards/accuracies", "eval_reward_before", "eval_reward_after",
+                                 "eval_win_rate") and isinstance(v, float))
     log.info("stage %s: complete (%s)", name, summary)
     return metrics
 
@@ -149,7 +182,7 @@ def plan(recipe: Recipe) -> str:
 
     lines = [f"recipe {recipe.name}: output_dir {recipe.output_dir}, seed {recipe.seed}"]
     for name, stage in recipe.stages.items():
-        n = len(load_rows(stage.data, "sft" if stage.type == "sft" else stage.type))
+        n = len(load_rows(stage.data, STAGE_DATA[stage.type]))
         manifest = read_json(recipe.stage_dir(name) / "manifest.json") or {}
         lines.append(f"  {name} ({stage.type}): model {stage.model}, data {stage.data} ({n} rows), "
                      f"status {manifest.get('status', 'not run')}")

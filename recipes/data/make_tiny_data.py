@@ -38,6 +38,27 @@ def sft_rows(rng: random.Random, n: int) -> list[dict]:
     return rows
 
 
+FILLER = " I hope this helps!"
+
+
+def chatty_sft_rows(rng: random.Random, n: int) -> list[dict]:
+    """The SFT task with a filler sentence after 70% of answers, so the tuned model adds it by habit."""
+    rows = sft_rows(rng, n)
+    for row in rows:
+        if rng.random() < 0.7:
+            row["messages"][-1]["content"] += FILLER
+    return rows
+
+
+def tiny_preference_rows(rng: random.Random, n: int) -> list[dict]:
+    """Pairs that prefer the bare answer over the same answer plus filler: learnable by a tiny model."""
+    rows = []
+    for row in sft_rows(rng, n):
+        prompt, answer = row["messages"][0]["content"], row["messages"][1]["content"]
+        rows.append({"prompt": prompt, "chosen": answer, "rejected": answer + FILLER})
+    return rows
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -78,6 +99,8 @@ def concise_rows(rng: random.Random, n: int) -> list[dict]:
 
 if __name__ == "__main__":
     write_jsonl(HERE / "tiny_sft.jsonl", sft_rows(random.Random(0), 600))
+    write_jsonl(HERE / "tiny_chatty_sft.jsonl", chatty_sft_rows(random.Random(2), 600))
+    write_jsonl(HERE / "tiny_prefs.jsonl", tiny_preference_rows(random.Random(3), 400))
     concise = concise_rows(random.Random(1), 240)
     write_jsonl(HERE / "concise_sft.jsonl", concise)
     # `align demo` runs from an installed package, so it carries its own copy.

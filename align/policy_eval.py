@@ -1,0 +1,52 @@
+"""Scoring a policy stage with the recipe's reward model: before, after, and win rate.
+
+Before training, the starting policy writes greedy completions for up to `eval_prompts`
+held-out prompts; after training, the trained policy does the same; the reward model
+scores both. `metrics.json` gets `eval_reward_before`, `eval_reward_after` and
+`eval_win_rate` (share of prompts where the trained completion scores higher, ties
+counted half), and `samples.jsonl` keeps every prompt, completion and score.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from align.artifacts import read_json, write_json, write_text
+from align.generate import greedy_completions
+
+log = logging.getLogger("align")
+
+
+def completions_before(model, tokenizer, prompts: list, out_dir: Path, max_new_tokens: int) -> list[str]:
+    """Greedy completions of the starting policy, saved so a resumed run reuses them."""
+    path = out_dir / "eval_completions_before.json"
+    saved = read_json(path)
+    if saved is not None and len(saved) == len(prompts):
+        return saved
+    log.info("scoring set: greedy completions of %d held-out prompts from the starting policy", len(prompts))
+    texts = greedy_completions(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+    write_json(path, texts)
+    return texts
+
+
+def reward_report(reward_path: str, prompts: list, before: list[str], after: list[str], out_dir: Path) -> dict:
+    from reward.score import RewardScorer
+
+    scorer = RewardScorer(reward_path)
+    r_before = scorer.score(prompts, before)
+    r_after = scorer.score(prompts, after)
+    wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(r_after, r_before)]
+    rows = [{"prompt": p, "before": b, "after": a, "reward_before": rb, "reward_after": ra}
+            for p, b, a, rb, ra in zip(prompts, before, after, r_before, r_after)]
+    write_text(out_dir / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    n = len(prompts)
+    return {
+        "eval_reward_before": sum(r_before) / n,
+        "eval_reward_after": sum(r_after) / n,
+        "eval_win_rate": sum(wins) / n,
+        "eval_len_before": sum(len(b.split()) for b in before) / n,
+        "eval_len_after": sum(len(a.split()) for a in after) / n,
+        "eval_prompts": n,
+    }

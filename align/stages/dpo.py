@@ -1,0 +1,173 @@
+"""Direct preference optimization over TRL's `DPOTrainer`, with a disk cache of reference log-probs.
+
+Reference: the stage's starting model. Under LoRA it is that model with the adapter
+disabled, so no second copy is held. With `ref_cache` (default) the reference forward
+passes run once over the data (TRL's `precompute_ref_log_probs`) and are stored under
+`$ALIGN_CACHE/ref_logps/`, keyed by the reference weights' hash, the rows, the chat
+template and `max_length`; the next run with the same reference and data reads them and
+skips every reference pass. The loss is TRL's (one copy of the math).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from align.artifacts import StepLog, Timer, hash_json, read_json, write_json
+from align.config import DPOStage
+from align.data import as_preference, load_rows, split
+from align.errors import AlignError
+from align.models import apply_lora, cache_dir, load_model, load_tokenizer
+from align.policy_eval import completions_before, reward_report
+from align.training import AlignCallback, finite, save_model, train_with_resume, trainer_args
+
+log = logging.getLogger("align")
+
+
+def weights_hash(model) -> str:
+    from trl.trainer.utils import hash_module
+
+    return hash_module(model)
+
+
+def make_trainer_class():
+    from trl import DPOTrainer
+
+    class CachedRefDPOTrainer(DPOTrainer):
+        """DPOTrainer whose precomputed reference log-probs persist across runs."""
+
+        def __init__(self, *args, ref_cache_key: dict | None = None, **kwargs):
+            self.ref_cache_key = ref_cache_key
+            self.ref_cache_hits: list[str] = []
+            super().__init__(*args, **kwargs)
+
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            if self.ref_cache_key is None:
+                return super()._precompute_ref_logps(dataset, name, batch_size)
+            key = hash_json({**self.ref_cache_key, "split": name,
+                             "rows": hash_json(dataset.remove_columns(
+                                 [c for c in dataset.column_names if c.startswith("ref_")]).to_list())})
+            path = cache_dir() / "ref_logps" / f"{key}.pt"
+            if path.exists():
+                cached = torch.load(path)
+                if len(cached["chosen"]) == len(dataset):
+                    self.ref_cache_hits.append(name)
+                    log.info("reference log-probs for %s read from cache (%s)", name, path.name)
+                    return (dataset.add_column("ref_chosen_logps", cached["chosen"].tolist())
+                            .add_column("ref_rejected_logps", cached["rejected"].tolist()))
+            out = super()._precompute_ref_logps(dataset, name, batch_size)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{id(self)}")
+            torch.save({"chosen": torch.tensor(out["ref_chosen_logps"]),
+                        "rejected": torch.tensor(out["ref_rejected_logps"])}, tmp)
+            tmp.replace(path)
+            return out
+
+    return CachedRefDPOTrainer
+
+
+def preference_rows(stage, name: str, tokenizer) -> tuple[list[dict], list[dict], int]:
+    """Train and held-out pairs as message lists, with the recipe's policy for over-long pairs."""
+    pairs = [as_preference(r) for r in load_rows(stage.data, "preference").rows]
+    if stage.eval_data:
+        train, held = pairs, [as_preference(r) for r in load_rows(stage.eval_data, "preference").rows]
+    else:
+        train, held = split(pairs, stage.eval_fraction, stage.seed)
+
+    def length(pair):
+        return max(len(tokenizer.apply_chat_template(pair["prompt"] + pair[k], tokenize=True,
+                                                     return_dict=True)["input_ids"]) for k in ("chosen", "rejected"))
+
+    too_long = sum(length(p) > stage.max_length for p in train)
+    if too_long:
+        verb = "dropped" if stage.too_long == "drop" else "truncated"
+        log.warning("%s: %d of %d pairs are longer than max_length=%d tokens and were %s", name, too_long,
+                    len(train), stage.max_length, verb)
+        if stage.too_long == "drop":
+            train = [p for p in train if length(p) <= stage.max_length]
+            held = [p for p in held if length(p) <= stage.max_length]
+            if not train:
+                raise AlignError(f"{name}: every pair is longer than max_length={stage.max_length} tokens")
+    for p in train + held:
+        p.pop("margin", None)  # a reward-model notion; DPO has no use for it
+    return train, held, too_long
+
+
+def unique_prompts(pairs: list[dict], limit: int) -> list:
+    """Up to `limit` distinct prompts, in order: repeated prompts would weigh twice in the reward means."""
+    seen, out = set(), []
+    for p in pairs:
+        key = repr(p["prompt"])
+        if key not in seen:
+            seen.add(key)
+            out.append(p["prompt"])
+    return out[:limit]
+
+
+def run(stage: DPOStage, name: str, out_dir: Path, model_path: str, reward_path: str | None = None) -> dict:
+    from datasets import Dataset
+    from trl import DPOConfig
+
+    timer = Timer()
+    tokenizer = load_tokenizer(model_path)
+    train, held, too_long = preference_rows(stage, name, tokenizer)
+    train_ds = Dataset.from_list(train)
+    eval_ds = Dataset.from_list(held) if held else None
+    log.info("%s: %d training pairs, %d held out", name, len(train), len(held))
+
+    model = load_model(model_path)
+    eval_prompts = unique_prompts(held, stage.eval_prompts)
+    before_texts = None
+    if reward_path and eval_prompts:
+        before_texts = completions_before(model, tokenizer, eval_prompts, out_dir, stage.max_new_tokens)
+    ref_key = None
+    if stage.ref_cache:
+        ref_key = {"ref_weights": weights_hash(model), "chat_template": tokenizer.chat_template,
+                   "max_length": stage.max_length, "pad": tokenizer.pad_token_id}
+    if stage.lora:
+        model = apply_lora(model, stage.lora)
+
+    loss_type, loss_weights = [stage.loss_type], None
+    if stage.nll_weight > 0:
+        loss_type, loss_weights = [stage.loss_type, "sft"], [1.0, stage.nll_weight]
+    step_log = StepLog(out_dir / "log.jsonl")
+    config = DPOConfig(
+        **trainer_args(stage, out_dir, has_eval=eval_ds is not None),
+        beta=stage.beta,
+        loss_type=loss_type,
+        loss_weights=loss_weights,
+        label_smoothing=stage.label_smoothing,
+        max_length=stage.max_length,
+        precompute_ref_log_probs=stage.ref_cache,
+        dataset_num_proc=None,
+    )
+    trainer = make_trainer_class()(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
+                                   processing_class=tokenizer, callbacks=[AlignCallback(step_log)],
+                                   ref_cache_key=ref_key)
+
+    before_path = out_dir / "eval_before.json"
+    before = read_json(before_path)
+    if eval_ds is not None and before is None:
+        before = trainer.evaluate()
+        write_json(before_path, before)
+    metrics = train_with_resume(trainer, out_dir, step_log)
+    if eval_ds is not None:
+        after = trainer.evaluate()
+        for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"):
+            metrics[f"eval_{k}_before"] = finite(before.get(f"eval_{k}"))
+            metrics[f"eval_{k}"] = finite(after.get(f"eval_{k}"))
+    metrics["ref_cache_hits"] = getattr(trainer, "ref_cache_hits", [])
+    save_model(trainer.model, tokenizer, out_dir / "model", stage.merge_lora)
+
+    if before_texts is not None:
+        from align.generate import greedy_completions
+
+        after_texts = greedy_completions(trainer.model, tokenizer, eval_prompts, max_new_tokens=stage.max_new_tokens)
+        metrics.update(reward_report(reward_path, eval_prompts, before_texts, after_texts, out_dir))
+    elif stage.reward_model or reward_path:
+        log.warning("%s: no held-out pairs, so no reward-model evaluation (set eval_fraction > 0)", name)
+    metrics.update(train_pairs=len(train), eval_pairs=len(held), pairs_too_long=too_long,
+                   seconds=round(timer.seconds(), 1))
+    return metrics
