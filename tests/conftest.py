@@ -50,3 +50,14 @@ def tiny_sft_stage(model, **overrides) -> dict:
                  save_steps=20, save_total_limit=2)
     stage.update(overrides)
     return stage
+
+
+TINY_PREFS = REPO / "recipes" / "data" / "tiny_prefs.jsonl"
+
+
+def tiny_pref_stage(model, **overrides) -> dict:
+    """Reward/DPO settings for the tiny preference set (bare answer preferred over answer + filler)."""
+    stage = dict(model=str(model), data=str(TINY_PREFS), eval_fraction=0.1, max_length=64, lr=1e-3, epochs=1,
+                 batch_size=16, logging_steps=2, eval_steps=0, save_steps=50)
+    stage.update(overrides)
+    return stage
