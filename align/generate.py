@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 
 
 @torch.no_grad()
@@ -15,7 +16,8 @@ def greedy_completions(model, tokenizer, prompts: list[str | list[dict]], max_ne
     tokenizer.padding_side = "left"  # generation appends on the right, so prompts must end aligned
     out: list[str] = []
     try:
-        for start in range(0, len(prompts), batch_size):
+        starts = range(0, len(prompts), batch_size)
+        for start in tqdm(starts, desc=f"greedy completions ({len(prompts)} prompts)", disable=len(starts) < 2):
             chats = [[{"role": "user", "content": p}] if isinstance(p, str) else p
                      for p in prompts[start:start + batch_size]]
             texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]

@@ -43,7 +43,7 @@ def trainer_args(stage: TrainStage, out_dir: Path, has_eval: bool) -> dict:
         lr_scheduler_type=stage.lr_scheduler,
         weight_decay=stage.weight_decay,
         max_grad_norm=stage.max_grad_norm,
-        gradient_checkpointing=stage.gradient_checkpointing,
+        activation_checkpointing=stage.gradient_checkpointing,
         bf16=bf16,  # TRL defaults to bf16, which fails or crawls on most CPUs
         fp16=False,
         logging_steps=stage.logging_steps,

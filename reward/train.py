@@ -10,6 +10,7 @@ merged (one folder that `AutoModelForSequenceClassification` loads) plus
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -33,7 +34,9 @@ def init_reward_model(path: str):
     dtype = torch.bfloat16 if use_bf16() else torch.float32
     if adapter_base(path):
         causal = load_model(path, dtype=dtype)  # base + adapter, merged
-        model = AutoModelForSequenceClassification.from_config(causal.config, num_labels=1, dtype=dtype)
+        config = copy.deepcopy(causal.config)
+        config.num_labels = 1
+        model = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
         model.base_model.load_state_dict(causal.base_model.state_dict())
         return model
     return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)

@@ -156,3 +156,13 @@ def test_kto_learns_from_unpaired_labels(tiny_model, tmp_path):
     metrics = run_recipe(load_recipe(write_recipe(tmp_path / "r.yaml", tmp_path / "o", {"kto": stage})))["kto"]
     assert metrics["eval_loss"] < metrics["eval_loss_before"]
     assert metrics["eval_rewards/chosen"] > metrics["eval_rewards/rejected"]
+
+
+def test_reward_stage_starts_from_a_lora_sft_adapter(tiny_model, tmp_path):
+    from conftest import tiny_sft_stage
+
+    stages = {"sft": tiny_sft_stage(tiny_model, max_steps=3, lora={"r": 4}),
+              "reward": tiny_pref_stage("${sft}", epochs=1)}
+    metrics = run_recipe(load_recipe(write_recipe(tmp_path / "r.yaml", tmp_path / "o", stages)))
+    assert (tmp_path / "o" / "sft" / "model" / "adapter_config.json").exists()
+    assert metrics["reward"]["eval_accuracy"] >= 0.9

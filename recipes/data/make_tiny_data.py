@@ -59,6 +59,46 @@ def tiny_preference_rows(rng: random.Random, n: int) -> list[dict]:
     return rows
 
 
+# Rambling always opens with the same sentence, so a model tuned on it continues past the answer
+# by habit (with seven openers, stopping would be the single likeliest next token).
+RAMBLE_OPENER = "I hope this answer is useful to you."
+RAMBLE = ["It is a question many people ask.", "This is a well known fact.",
+          "Let me know if you have any other questions!",
+          "Thank you for asking such a good question.", "There is a lot more one could say about it.",
+          "Many books and websites explain this in detail."]
+
+
+def sentence_answer(prompt: str, short: str) -> str:
+    """The one-sentence answer to a question of `concise_rows`."""
+    word = short.rstrip(".")
+    if prompt.startswith("What is the capital of "):
+        return f"The capital of {prompt[23:-1]} is {word}."
+    if " plus " in prompt:
+        return f"{prompt[8:-1]} equals {word}."
+    if prompt.startswith("How many legs does a "):
+        return f"A {prompt[21:].split()[0]} has {word} legs."
+    if prompt.startswith("What is the opposite of "):
+        return f"The opposite of {prompt[24:-1]} is {word.lower()}."
+    return f"The {prompt[18:-1]} is {word.lower()}."
+
+
+def rambling(rng: random.Random, answer: str) -> str:
+    return " ".join([answer, RAMBLE_OPENER, *rng.sample(RAMBLE, rng.randint(1, 2))])
+
+
+def demo_rows(rng: random.Random, n_sft: int, n_pairs: int) -> tuple[list[dict], list[dict]]:
+    """For the SmolLM2 demo: SFT answers that ramble 80% of the time, and pairs preferring the one-sentence answer."""
+    sft = []
+    for row in concise_rows(rng, n_sft):
+        answer = sentence_answer(row["prompt"], row["completion"])
+        sft.append({"prompt": row["prompt"], "completion": rambling(rng, answer) if rng.random() < 0.8 else answer})
+    pairs = []
+    for row in concise_rows(rng, n_pairs):
+        answer = sentence_answer(row["prompt"], row["completion"])
+        pairs.append({"prompt": row["prompt"], "chosen": answer, "rejected": rambling(rng, answer)})
+    return sft, pairs
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -101,7 +141,9 @@ if __name__ == "__main__":
     write_jsonl(HERE / "tiny_sft.jsonl", sft_rows(random.Random(0), 600))
     write_jsonl(HERE / "tiny_chatty_sft.jsonl", chatty_sft_rows(random.Random(2), 600))
     write_jsonl(HERE / "tiny_prefs.jsonl", tiny_preference_rows(random.Random(3), 400))
-    concise = concise_rows(random.Random(1), 240)
-    write_jsonl(HERE / "concise_sft.jsonl", concise)
-    # `align demo` runs from an installed package, so it carries its own copy.
-    write_jsonl(HERE.parents[1] / "align" / "assets" / "concise_sft.jsonl", concise)
+    write_jsonl(HERE / "concise_sft.jsonl", concise_rows(random.Random(1), 240))
+    chatty, prefs = demo_rows(random.Random(4), 160, 240)
+    # `align demo` runs from an installed package, so it carries its own copies.
+    for folder in (HERE, HERE.parents[1] / "align" / "assets"):
+        write_jsonl(folder / "chatty_sft.jsonl", chatty)
+        write_jsonl(folder / "concise_prefs.jsonl", prefs)
