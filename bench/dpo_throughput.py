@@ -66,6 +66,9 @@ def child_trl(model_path: str, s: dict, out: str) -> None:
 
 
 def child_align(model_path: str, s: dict, out: str) -> None:
+    from trl import DPOConfig, DPOTrainer  # noqa: F401  imported before the clock starts, as in child_trl
+
+    import align.stages.dpo  # noqa: F401
     from align.config import recipe_from_dict
     from align.runner import run_recipe
 
