@@ -52,7 +52,9 @@ def test_full_sft_lowers_held_out_loss(tiny_model, tmp_path):
     train_logs = [r for r in log if "loss" in r]
     assert train_logs[-1]["loss"] < train_logs[0]["loss"] - 2
     assert all(r["tokens_per_s"] > 0 and r["peak_rss_mb"] > 0 for r in train_logs)
-    assert (out / "report.md").read_text().count("eval_loss") >= 2
+    report = (out / "report.md").read_text()
+    assert report.count("eval_loss") >= 2 and "![sft curves](sft/curves.png)" in report
+    assert (out / "sft" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_lora_sft_on_an_earlier_stage_saves_an_adapter_that_peft_loads(tiny_model, tmp_path):
