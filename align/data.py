@@ -362,6 +362,14 @@ def split(rows: list, eval_fraction: float, seed: int) -> tuple[list, list]:
     return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
 
 
+def load_split(stage, kind: str, convert=lambda row: row) -> tuple[list, list]:
+    """A stage's training and held-out rows: its `eval_data`, or `eval_fraction` of `data` held out."""
+    rows = [convert(r) for r in load_rows(stage.data, kind).rows]
+    if stage.eval_data:
+        return rows, [convert(r) for r in load_rows(stage.eval_data, kind).rows]
+    return split(rows, stage.eval_fraction, stage.seed)
+
+
 def fingerprint(source: str) -> str:
     """sha256 of a file, of every file in a folder (names and bytes), or of a hub name."""
     path = Path(source)

@@ -17,7 +17,7 @@ import torch
 from transformers import TrainerCallback
 
 from align.artifacts import (CHECKPOINT_OK, StepLog, complete_checkpoints, drop_incomplete_checkpoints,
-                             peak_rss_mb, save_folder_atomically)
+                             peak_rss_mb, read_json, save_folder_atomically, write_json)
 from align.config import TrainStage
 from align.models import use_bf16
 
@@ -122,6 +122,21 @@ def train_with_resume(trainer, out_dir: Path, step_log: StepLog) -> dict:
     metrics["resumed_from_step"] = int(ckpt.name.rsplit("-", 1)[1]) if ckpt else None
     metrics["num_input_tokens_seen"] = trainer.state.num_input_tokens_seen
     return metrics
+
+
+def train_with_eval(trainer, out_dir: Path, step_log: StepLog, has_eval: bool) -> tuple[dict, dict, dict]:
+    """(held-out metrics of the starting model, training metrics, held-out metrics after training).
+
+    The "before" numbers are measured once and kept in `eval_before.json`, so a resumed run
+    reports the true starting point rather than its checkpoint's."""
+    before_path = out_dir / "eval_before.json"
+    before = read_json(before_path) or {}
+    if has_eval and not before:
+        before = trainer.evaluate()
+        write_json(before_path, before)
+    metrics = train_with_resume(trainer, out_dir, step_log)
+    after = trainer.evaluate() if has_eval else {}
+    return before, metrics, after
 
 
 def save_model(model, tokenizer, out: Path, merge_lora: bool) -> None:

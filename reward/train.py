@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from align.artifacts import StepLog, Timer, read_json, save_folder_atomically, write_json
+from align.artifacts import StepLog, Timer, save_folder_atomically, write_json
 from align.config import RewardStage
-from align.data import as_preference, load_rows, split
+from align.data import as_preference, load_split
 from align.errors import AlignError
 from align.models import adapter_base, load_model, load_tokenizer, use_bf16
-from align.training import AlignCallback, finite, train_with_resume, trainer_args
+from align.training import AlignCallback, finite, train_with_eval, trainer_args
 from reward.score import SCORER_CONFIG, encode
 
 log = logging.getLogger("align")
@@ -74,11 +74,7 @@ def run(stage: RewardStage, name: str, out_dir: Path, model_path: str) -> dict:
 
     timer = Timer()
     tokenizer = load_tokenizer(model_path)
-    pairs = [as_preference(r) for r in load_rows(stage.data, "preference").rows]
-    if stage.eval_data:
-        train_pairs, eval_pairs = pairs, [as_preference(r) for r in load_rows(stage.eval_data, "preference").rows]
-    else:
-        train_pairs, eval_pairs = split(pairs, stage.eval_fraction, stage.seed)
+    train_pairs, eval_pairs = load_split(stage, "preference", as_preference)
     train_rows, too_long = tokenize_pairs(train_pairs, tokenizer, stage.max_length, stage.too_long,
                                           f"{name}: {stage.data}")
     eval_rows = tokenize_pairs(eval_pairs, tokenizer, stage.max_length, stage.too_long,
@@ -99,14 +95,8 @@ def run(stage: RewardStage, name: str, out_dir: Path, model_path: str) -> dict:
     trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                             processing_class=tokenizer, callbacks=[AlignCallback(step_log)])
 
-    before_path = out_dir / "eval_before.json"
-    before = read_json(before_path)
-    if eval_ds is not None and before is None:
-        before = trainer.evaluate()
-        write_json(before_path, before)
-    metrics = train_with_resume(trainer, out_dir, step_log)
+    before, metrics, after = train_with_eval(trainer, out_dir, step_log, has_eval=eval_ds is not None)
     if eval_ds is not None:
-        after = trainer.evaluate()
         metrics.update(eval_accuracy_before=finite(before.get("eval_accuracy")), eval_loss_before=before["eval_loss"],
                        eval_accuracy=finite(after.get("eval_accuracy")), eval_loss=after["eval_loss"],
                        eval_margin=finite(after.get("eval_margin")))

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
-from align.artifacts import StepLog, Timer, hash_json, read_json, write_json
+from align.artifacts import StepLog, Timer, hash_json
 from align.config import DPOStage
-from align.data import as_preference, load_rows, split
+from align.data import as_preference, load_split
 from align.errors import AlignError
 from align.models import apply_lora, cache_dir, load_model, load_tokenizer
 from align.policy_eval import completions_before, reward_report
-from align.training import AlignCallback, finite, save_model, train_with_resume, trainer_args
+from align.training import AlignCallback, finite, save_model, train_with_eval, trainer_args
 
 log = logging.getLogger("align")
 
@@ -70,11 +70,7 @@ def make_trainer_class():
 
 def preference_rows(stage, name: str, tokenizer) -> tuple[list[dict], list[dict], int]:
     """Train and held-out pairs as message lists, with the recipe's policy for over-long pairs."""
-    pairs = [as_preference(r) for r in load_rows(stage.data, "preference").rows]
-    if stage.eval_data:
-        train, held = pairs, [as_preference(r) for r in load_rows(stage.eval_data, "preference").rows]
-    else:
-        train, held = split(pairs, stage.eval_fraction, stage.seed)
+    train, held = load_split(stage, "preference", as_preference)
 
     def length(pair):
         return max(len(tokenizer.apply_chat_template(pair["prompt"] + pair[k], tokenize=True,
@@ -147,14 +143,8 @@ def run(stage: DPOStage, name: str, out_dir: Path, model_path: str, reward_path:
                                    processing_class=tokenizer, callbacks=[AlignCallback(step_log)],
                                    ref_cache_key=ref_key)
 
-    before_path = out_dir / "eval_before.json"
-    before = read_json(before_path)
-    if eval_ds is not None and before is None:
-        before = trainer.evaluate()
-        write_json(before_path, before)
-    metrics = train_with_resume(trainer, out_dir, step_log)
+    before, metrics, after = train_with_eval(trainer, out_dir, step_log, has_eval=eval_ds is not None)
     if eval_ds is not None:
-        after = trainer.evaluate()
         for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"):
             metrics[f"eval_{k}_before"] = finite(before.get(f"eval_{k}"))
             metrics[f"eval_{k}"] = finite(after.get(f"eval_{k}"))

@@ -10,13 +10,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from align.artifacts import StepLog, Timer, read_json, write_json
+from align.artifacts import StepLog, Timer
 from align.config import KTOStage
-from align.data import as_unpaired, load_rows, split
+from align.data import as_unpaired, load_split
 from align.models import apply_lora, load_model, load_tokenizer
 from align.policy_eval import completions_before, reward_report
 from align.stages.dpo import unique_prompts
-from align.training import AlignCallback, finite, save_model, train_with_resume, trainer_args
+from align.training import AlignCallback, finite, save_model, train_with_eval, trainer_args
 
 log = logging.getLogger("align")
 
@@ -27,11 +27,7 @@ def run(stage: KTOStage, name: str, out_dir: Path, model_path: str, reward_path:
 
     timer = Timer()
     tokenizer = load_tokenizer(model_path)
-    rows = load_rows(stage.data, "kto").rows
-    if stage.eval_data:
-        train_src, held_src = rows, load_rows(stage.eval_data, "kto").rows
-    else:
-        train_src, held_src = split(rows, stage.eval_fraction, stage.seed)
+    train_src, held_src = load_split(stage, "kto")  # split before unpairing: a pair's halves stay together
     train = [u for r in train_src for u in as_unpaired(r)]
     held = [u for r in held_src for u in as_unpaired(r)]
     desirable = sum(r["label"] for r in train)
@@ -54,14 +50,8 @@ def run(stage: KTOStage, name: str, out_dir: Path, model_path: str, reward_path:
     trainer = KTOTrainer(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, callbacks=[AlignCallback(step_log)])
 
-    before_path = out_dir / "eval_before.json"
-    before = read_json(before_path)
-    if eval_ds is not None and before is None:
-        before = trainer.evaluate()
-        write_json(before_path, before)
-    metrics = train_with_resume(trainer, out_dir, step_log)
+    before, metrics, after = train_with_eval(trainer, out_dir, step_log, has_eval=eval_ds is not None)
     if eval_ds is not None:
-        after = trainer.evaluate()
         metrics.update(eval_loss_before=finite(before.get("eval_loss")), eval_loss=finite(after.get("eval_loss")),
                        **{k: finite(v) for k, v in after.items() if k.startswith("eval_rewards/")})
     save_model(trainer.model, tokenizer, out_dir / "model", stage.merge_lora)

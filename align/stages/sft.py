@@ -11,13 +11,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from align.artifacts import Timer, read_json, write_json
+from align.artifacts import StepLog, Timer
 from align.config import SFTStage
-from align.data import as_messages, load_rows, split
+from align.data import as_messages, load_split
 from align.errors import AlignError
 from align.models import apply_lora, load_model, load_tokenizer
-from align.training import AlignCallback, finite, save_model, train_with_resume, trainer_args
-from align.artifacts import StepLog
+from align.training import AlignCallback, finite, save_model, train_with_eval, trainer_args
 
 log = logging.getLogger("align")
 
@@ -49,11 +48,7 @@ def run(stage: SFTStage, name: str, out_dir: Path, model_path: str) -> dict:
     timer = Timer()
     tokenizer = load_tokenizer(model_path)
 
-    rows = [as_messages(r) for r in load_rows(stage.data, "sft").rows]
-    if stage.eval_data:
-        train_rows, eval_rows = rows, [as_messages(r) for r in load_rows(stage.eval_data, "sft").rows]
-    else:
-        train_rows, eval_rows = split(rows, stage.eval_fraction, stage.seed)
+    train_rows, eval_rows = load_split(stage, "sft", as_messages)
     train_rows, train_too_long = limit_length(train_rows, tokenizer, stage.max_length, stage.too_long,
                                               f"{name}: {stage.data}")
     if eval_rows:
@@ -78,17 +73,10 @@ def run(stage: SFTStage, name: str, out_dir: Path, model_path: str) -> dict:
     trainer = SFTTrainer(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, callbacks=[AlignCallback(step_log)])
 
-    # Held-out loss of the starting model, measured once: a resumed run reads it back.
-    before_path = out_dir / "eval_before.json"
-    before = read_json(before_path)
-    if eval_ds is not None and before is None:
-        before = {"eval_loss": trainer.evaluate()["eval_loss"]}
-        write_json(before_path, before)
-
-    metrics = train_with_resume(trainer, out_dir, step_log)
+    before, metrics, after = train_with_eval(trainer, out_dir, step_log, has_eval=eval_ds is not None)
     if eval_ds is not None:
         metrics["eval_loss_before"] = finite(before["eval_loss"])
-        metrics["eval_loss"] = finite(trainer.evaluate()["eval_loss"])
+        metrics["eval_loss"] = finite(after["eval_loss"])
     save_model(trainer.model, tokenizer, out_dir / "model", stage.merge_lora)
     metrics.update(train_rows=len(train_ds), eval_rows=len(eval_rows), rows_too_long=train_too_long,
                    seconds=round(timer.seconds(), 1))
