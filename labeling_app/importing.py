@@ -1,0 +1,165 @@
+"""Turn a rollouts, pairs or preference file into pairs to label, checking every row first.
+
+Accepted rows (JSONL, JSON, Parquet, CSV or a save_to_disk folder, read by align.data):
+
+- rollouts: `{"prompt": ..., "completions": [...], "rewards": [...], "model": ...}`, the
+  format `align rollouts` writes. Every two different completions of a prompt make a pair
+  (capped by `max_pairs_per_prompt`, a seeded sample, so N=16 does not become 120 pairs);
+  their rewards and model go into the pair's metadata.
+- pairs: `{"prompt": ..., "response_a": ..., "response_b": ..., "metadata": {...}}`; any
+  other field (model_a, reward_b, ...) is kept in the metadata too.
+- preference: `{"prompt": ..., "chosen": ..., "rejected": ...}`, to have people re-judge an
+  existing set; the old verdict is kept in the metadata (`prior_choice`), never shown.
+
+The prompt may be a string or a message list ending with a user turn; responses are
+strings. Metadata is for the admin and the raw export; annotators never see it, so
+model names and scores cannot sway a vote. A bad row stops the import before anything
+is written, with the file, line, field and what was expected.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+from align.data import _check_turn, read_rows
+from align.errors import AlignError
+
+from labeling_app.store import NewPair
+
+FORMATS = ("auto", "rollouts", "pairs", "preference")
+EXAMPLES = {
+    "rollouts": "{'prompt': ..., 'completions': [...], 'rewards': [...], 'model': ...}",
+    "pairs": "{'prompt': ..., 'response_a': ..., 'response_b': ..., 'metadata': {...}}",
+    "preference": "{'prompt': ..., 'chosen': ..., 'rejected': ...}",
+}
+
+
+def read_pairs(source: str, fmt: str = "auto", max_pairs_per_prompt: int = 0, seed: int = 0) -> list[NewPair]:
+    data = read_rows(source)
+    if not data.rows:
+        raise AlignError(f"{source}: file is empty; expected rows like {EXAMPLES['rollouts']} "
+                         f"or {EXAMPLES['pairs']}")
+    if fmt == "auto":
+        fmt = detect(data.rows[0], data.at(0))
+    rng = random.Random(seed)
+    pairs: list[NewPair] = []
+    for i, row in enumerate(data.rows):
+        at = data.at(i)
+        if fmt == "rollouts":
+            pairs.extend(_from_rollout(row, at, max_pairs_per_prompt, rng))
+        elif fmt == "pairs":
+            pairs.append(_from_pair(row, at))
+        else:
+            pairs.append(_from_preference(row, at))
+    if not pairs:
+        raise AlignError(f"{source}: no pairs to label; every rollout row has fewer than 2 different completions")
+    return pairs
+
+
+def detect(row: dict, at: str) -> str:
+    if "completions" in row:
+        return "rollouts"
+    if "response_a" in row or "response_b" in row:
+        return "pairs"
+    if "chosen" in row or "rejected" in row:
+        return "preference"
+    raise AlignError(f"{at}: cannot tell the format; expected rollouts rows like {EXAMPLES['rollouts']} "
+                     f"or pairs rows like {EXAMPLES['pairs']}; row has {sorted(row)}")
+
+
+def _from_rollout(row: dict, at: str, cap: int, rng: random.Random) -> list[NewPair]:
+    prompt = _prompt(row, at, "rollouts")
+    completions = row.get("completions")
+    if not isinstance(completions, list) or len(completions) < 2:
+        raise AlignError(f"{at}: field 'completions': expected a list of at least 2 strings, got {_kind(completions)}")
+    for j, text in enumerate(completions):
+        _response(text, f"completions[{j}]", at)
+    rewards = row.get("rewards")
+    if rewards is not None and (not isinstance(rewards, list) or len(rewards) != len(completions)
+                                or not all(_is_number(r) for r in rewards)):
+        raise AlignError(f"{at}: field 'rewards': expected a list of {len(completions)} numbers "
+                         f"(one per completion), got {_kind(rewards)}")
+    model = row.get("model")
+    if model is not None and not isinstance(model, str) and not (
+            isinstance(model, list) and len(model) == len(completions) and all(isinstance(m, str) for m in model)):
+        raise AlignError(f"{at}: field 'model': expected a string, or a list of {len(completions)} strings "
+                         "(one per completion)")
+    # First copy of each distinct completion: identical texts cannot be told apart.
+    distinct = {}
+    for j, text in enumerate(completions):
+        distinct.setdefault(text.strip(), j)
+    combos = list(itertools.combinations(sorted(distinct.values()), 2))
+    if cap and len(combos) > cap:
+        combos = sorted(rng.sample(combos, cap))
+    extra = {k: v for k, v in row.items() if k not in ("prompt", "completions", "rewards", "model")}
+    pairs = []
+    for i, j in combos:
+        meta = {"source": "rollouts", "completion_a": i, "completion_b": j, **extra}
+        if rewards is not None:
+            meta["reward_a"], meta["reward_b"] = rewards[i], rewards[j]
+        if isinstance(model, list):
+            meta["model_a"], meta["model_b"] = model[i], model[j]
+        elif model is not None:
+            meta["model"] = model
+        pairs.append(NewPair(prompt, completions[i], completions[j], meta))
+    return pairs
+
+
+def _from_pair(row: dict, at: str) -> NewPair:
+    prompt = _prompt(row, at, "pairs")
+    a = _response(row.get("response_a"), "response_a", at)
+    b = _response(row.get("response_b"), "response_b", at)
+    _different(a, b, "response_a", "response_b", at)
+    meta = row.get("metadata", {})
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict):
+        raise AlignError(f"{at}: field 'metadata': expected an object (model names, scores, ...), got {_kind(meta)}")
+    extra = {k: v for k, v in row.items() if k not in ("prompt", "response_a", "response_b", "metadata")}
+    return NewPair(prompt, a, b, {**extra, **meta})
+
+
+def _from_preference(row: dict, at: str) -> NewPair:
+    prompt = _prompt(row, at, "preference")
+    chosen = _response(row.get("chosen"), "chosen", at)
+    rejected = _response(row.get("rejected"), "rejected", at)
+    _different(chosen, rejected, "chosen", "rejected", at)
+    extra = {k: v for k, v in row.items() if k not in ("prompt", "chosen", "rejected")}
+    return NewPair(prompt, chosen, rejected, {"source": "preference", "prior_choice": "a", **extra})
+
+
+def _prompt(row: dict, at: str, fmt: str):
+    if row.get("prompt") is None:
+        raise AlignError(f"{at}: missing field 'prompt'; expected rows like {EXAMPLES[fmt]}, row has {sorted(row)}")
+    _check_turn(row["prompt"], "prompt", at, last_role="user")
+    if isinstance(row["prompt"], list):
+        return [{"role": m["role"], "content": m["content"]} for m in row["prompt"]]
+    return row["prompt"]
+
+
+def _response(value, field: str, at: str) -> str:
+    if value is None:
+        raise AlignError(f"{at}: missing field '{field}'; expected non-empty text")
+    if not isinstance(value, str):
+        raise AlignError(f"{at}: field '{field}': expected a string, got {_kind(value)}")
+    if not value.strip():
+        raise AlignError(f"{at}: field '{field}' is empty; expected non-empty text")
+    return value
+
+
+def _different(a: str, b: str, field_a: str, field_b: str, at: str) -> None:
+    if a.strip() == b.strip():
+        raise AlignError(f"{at}: '{field_a}' and '{field_b}' are identical; a pair needs two different responses")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _kind(value) -> str:
+    if isinstance(value, list):
+        return f"a list of {len(value)}"
+    return {dict: "an object", str: "a string", int: "a number", float: "a number", bool: "true/false",
+            type(None): "nothing"}.get(type(value), type(value).__name__)
+

@@ -1,0 +1,177 @@
+"""The real labeling server in a child process: gradio_client, isolation, 32 annotators, SIGKILL."""
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+
+from labeling_app.client import LabelingClient, RequestFailed
+from labeling_app.loadtest import PASSWORD, LoadResult, ServerProcess, run_annotators, seed_database
+from labeling_app.passwords import hash_password
+from labeling_app.store import LabelStore
+
+OVERLAP = 3
+LOAD_USERS = [f"load{i:02d}" for i in range(1, 33)]
+VOTES_EACH = 25
+ADMIN_PASSWORD = "admin-password-1"
+GUIDELINES = "Prefer answers that **state the unit**. <b>raw html</b> stays text."
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One server for this module: 32 load annotators, ann and bob, and an admin."""
+    db = tmp_path_factory.mktemp("label-server") / "labels.sqlite"
+    # Enough pairs that 32 x 25 votes at K=3 never run out (800 votes need ~267 pairs).
+    seed_database(db, LOAD_USERS + ["ann", "bob"], pairs=400)
+    with LabelStore(db) as store:
+        store.add_user("root", hash_password(ADMIN_PASSWORD), is_admin=True)
+    guidelines = db.parent / "guidelines.md"
+    guidelines.write_text(GUIDELINES)
+    with ServerProcess(db, overlap=OVERLAP, extra=["--guidelines", str(guidelines)]) as running:
+        yield running
+
+
+def store_of(server) -> LabelStore:
+    return LabelStore(server.db)
+
+
+def test_logging_in_is_required_for_everything(server):
+    anonymous = httpx.Client(base_url=server.url)
+    assert anonymous.get("/config").status_code == 401
+    assert anonymous.post("/gradio_api/run/load", json={"data": []}).status_code == 401
+    assert anonymous.post("/label/api/vote", json={"presentation_id": "x", "choice": "left"}).status_code == 401
+    assert anonymous.post("/label/api/undo", json={"vote_id": "x"}).status_code == 401
+    assert anonymous.post("/login", data={"username": "ann", "password": "wrong password"}).status_code == 400
+    assert anonymous.post("/login", data={"username": "nobody", "password": PASSWORD}).status_code == 400
+
+
+def test_the_page_carries_the_guidelines_file(server):
+    ann = LabelingClient(server.url, "ann", PASSWORD)
+    ann.login()
+    status, body = ann.get("/config")
+    config = body.decode()
+    assert status == 200
+    assert "Prefer answers that <strong>state the unit</strong>." in config and "&lt;b&gt;raw html" in config
+
+
+def test_gradio_client_logs_in_votes_undoes_and_exports(server, tmp_path):
+    from gradio_client import Client
+
+    ann = Client(server.url, auth=("ann", PASSWORD), verbose=False)
+    page = ann.predict(api_name="/load")
+    pid = page[0]
+    assert pid and "Answer A" in page[3] + page[4] and "**0** done" in page[5]
+
+    voted = ann.predict(pid, "left", "clearer", api_name="/vote")
+    assert voted["status"] == "Saved." and voted["last_vote_id"] == pid and voted["presentation_id"] != pid
+    again = ann.predict(pid, "left", "clearer", api_name="/vote")  # a retried request
+    assert again["status"].startswith("That vote was already saved")
+    with store_of(server) as store:
+        (vote,) = store.votes("ann")
+    assert vote.vote_id == pid and vote.reason == "clearer" and vote.picked_side == "left"
+
+    undone = ann.predict(pid, api_name="/undo")
+    assert undone["status"] == "Vote undone; here is that pair again." and undone["pair_id"] == vote.pair_id
+    with store_of(server) as store:
+        assert store.votes("ann") == []
+    final = ann.predict(undone["presentation_id"], "right", "", api_name="/vote")
+    assert final["status"] == "Saved."
+
+    admin = Client(server.url, auth=("root", ADMIN_PASSWORD), verbose=False)
+    assert "Krippendorff" in admin.predict(api_name="/admin_report")
+    exported = admin.predict("raw", 1, 0, api_name="/export")
+    rows = [json.loads(line) for line in open(exported)]
+    mine = [r for r in rows if r["annotator"] == "ann"]
+    assert len(mine) == 1 and mine[0]["vote_id"] == undone["presentation_id"] and mine[0]["picked_side"] == "right"
+
+
+def test_annotators_cannot_read_or_change_each_others_votes_or_reach_admin(server):
+    ann, bob = LabelingClient(server.url, "ann", PASSWORD), LabelingClient(server.url, "bob", PASSWORD)
+    for client in (ann, bob):
+        client.login()
+        client.load()
+    anns_pair = ann.page.presentation_id
+    ann.vote("tie", "ann's reason")
+    anns_vote = ann.page.last_vote_id
+    with store_of(server) as store:
+        before = [(v.vote_id, v.choice, v.reason) for v in store.votes("ann")]
+
+    # bob replays ann's presentation and vote ids: nothing of hers changes, nothing is recorded for him.
+    assert bob.vote("left", "stolen", presentation_id=anns_pair).status.startswith("That pair is no longer assigned")
+    assert bob.post("undo", {"vote_id": anns_vote}).status == "Nothing to undo."
+    with store_of(server) as store:
+        assert [(v.vote_id, v.choice, v.reason) for v in store.votes("ann")] == before
+        assert all(v.vote_id != anns_pair for v in store.votes("bob"))
+    # bob's page and answers carry nothing of ann's.
+    page = bob.load()
+    assert anns_pair not in json.dumps(page.__dict__) and "ann's reason" not in json.dumps(page.__dict__)
+    assert "`bob`" in page.progress
+
+    # A cross-site form can only send form encodings, never JSON: such a POST records nothing.
+    status, _ = bob.request("POST", "/label/api/vote", b"presentation_id=" + bob.page.presentation_id.encode()
+                            + b"&choice=left", "application/x-www-form-urlencoded")
+    assert status in (415, 422)
+    status, _ = bob.request("POST", "/label/api/vote", json.dumps({"presentation_id": bob.page.presentation_id,
+                                                                   "choice": "left"}).encode(), "text/plain")
+    assert status in (415, 422)
+    with store_of(server) as store:
+        assert store.votes("bob") == []
+
+    for api, data in (("admin_report", []), ("export", ["raw", 1, 0])):
+        with pytest.raises(RequestFailed, match="admins only"):
+            bob.call(api, data)
+    loaded = bob.call("load", [])
+    assert loaded[8]["visible"] is False and loaded[9] == ""  # admin tab hidden, no report
+
+
+def test_32_annotators_25_votes_each_every_acknowledged_vote_stored_exactly_once(server):
+    accounts = [(name, PASSWORD) for name in LOAD_USERS]
+    result = run_annotators(server.url, accounts, VOTES_EACH, resend_every=5)
+    print(f"\n32 annotators: {result.votes_per_second:.0f} votes/s, p50 {result.percentile(50) * 1000:.0f} ms, "
+          f"p95 {result.percentile(95) * 1000:.0f} ms")
+    assert result.errors == []
+    assert len(result.acked) == 32 * VOTES_EACH and result.resent == 32 * (VOTES_EACH // 5)
+    with store_of(server) as store:
+        votes = [v for v in store.votes() if v.annotator in LOAD_USERS]
+        pairs = store.pairs()
+        all_votes = store.votes()
+    assert sorted(v.vote_id for v in votes) == sorted(result.acked)  # each once: no loss, no double count
+    assert all(result.acked[v.vote_id] == v.annotator for v in votes)
+    assert len({(v.annotator, v.pair_id) for v in votes}) == len(votes)  # nobody judged a pair twice
+    counted = {}
+    for v in all_votes:
+        if v.choice != "skip":
+            counted[v.pair_id] = counted.get(v.pair_id, 0) + 1
+    assert all(p.filled == counted.get(p.id, 0) <= OVERLAP for p in pairs)  # never more than K votes
+
+
+def test_sigkill_mid_load_then_restart_loses_no_acknowledged_vote(tmp_path):
+    names = [f"crash{i:02d}" for i in range(1, 33)]
+    db = tmp_path / "labels.sqlite"
+    seed_database(db, names, pairs=400)
+    server = ServerProcess(db, overlap=OVERLAP).start()
+    result = LoadResult()
+    try:
+        load = threading.Thread(target=run_annotators, args=(server.url, [(n, PASSWORD) for n in names], VOTES_EACH),
+                                kwargs={"retry_for": 120, "result": result})
+        load.start()
+        deadline = time.monotonic() + 60
+        while len(result.acked) < 250 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        server.kill()  # in the middle of the load: 32 clients have requests in flight
+        acked_before_kill = len(result.acked)
+        server.start()
+        load.join(180)
+        assert not load.is_alive()
+    finally:
+        server.stop()
+    assert 0 < acked_before_kill < 32 * VOTES_EACH and result.retries > 0  # the kill really interrupted the load
+    assert result.errors == []
+    with LabelStore(db) as store:
+        stored = {v.vote_id for v in store.votes()}
+        pairs = store.pairs()
+    assert set(result.acked) <= stored  # every acknowledged vote survived the kill
+    assert len(stored) == len(result.acked) == 32 * VOTES_EACH  # and retries across the restart counted once
+    assert all(p.filled <= OVERLAP for p in pairs)
