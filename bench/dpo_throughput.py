@@ -47,7 +47,8 @@ def count_tokens(model_path: str, rows: list[dict], epochs: int) -> int:
 
 
 def child_trl(model_path: str, s: dict, out: str) -> None:
-    """What a TRL user writes: DPOTrainer with its defaults (a reference model, forwards every step)."""
+    """What a TRL user writes: DPOTrainer with its defaults (a reference model, forwards every step),
+    except activation checkpointing, set as align sets it so both run the same computation."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -58,7 +59,8 @@ def child_trl(model_path: str, s: dict, out: str) -> None:
     tok = AutoTokenizer.from_pretrained(model_path)
     config = DPOConfig(output_dir=out, learning_rate=s["lr"], beta=s["beta"], per_device_train_batch_size=s["batch_size"],
                        num_train_epochs=s["epochs"], max_length=s["max_length"], seed=s["seed"], bf16=False,
-                       report_to=[], save_strategy="no", logging_steps=50, disable_tqdm=True)
+                       report_to=[], save_strategy="no", logging_steps=50, disable_tqdm=True,
+                       gradient_checkpointing=False)  # TRL defaults to True; align's default is False
     trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(pairs(s["pairs"])),
                          processing_class=tok)
     trainer.train()
@@ -70,7 +72,7 @@ def child_align(model_path: str, s: dict, out: str) -> None:
 
     import align.stages.dpo  # noqa: F401
     from align.config import recipe_from_dict
-    from align.runner import run_recipe
+    from align.runner import run_stage
 
     stage = dict(model=model_path, data=str(Path(out) / "pairs.jsonl"), eval_fraction=0.0, lr=s["lr"],
                  beta=s["beta"], batch_size=s["batch_size"], epochs=s["epochs"], max_length=s["max_length"],
@@ -78,7 +80,7 @@ def child_align(model_path: str, s: dict, out: str) -> None:
     Path(stage["data"]).write_text("".join(json.dumps(r) + "\n" for r in pairs(s["pairs"])))
     recipe = recipe_from_dict({"output_dir": out, "seed": s["seed"], "stages": {"dpo": stage}})
     t0 = time.perf_counter()
-    metrics = run_recipe(recipe)["dpo"]
+    metrics = run_stage(recipe, "dpo")  # the stage itself; the run's report.md is not DPO work
     report(time.perf_counter() - t0, cache_hits=metrics["ref_cache_hits"])
 
 
