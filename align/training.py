@@ -112,6 +112,8 @@ def resume_point(out_dir: Path) -> Path | None:
 def train_with_resume(trainer, out_dir: Path, step_log: StepLog) -> dict:
     """Train, resuming from the newest complete checkpoint if a killed run left one."""
     ckpt = resume_point(out_dir)
+    # Read now: checkpoint rotation may delete the one we resume from during training.
+    start_tokens = (read_json(ckpt / "trainer_state.json") or {}).get("num_input_tokens_seen", 0) if ckpt else 0
     if ckpt is not None:
         step = int(ckpt.name.rsplit("-", 1)[1])
         log.info("resuming from %s (step %d)", ckpt, step)
@@ -121,6 +123,8 @@ def train_with_resume(trainer, out_dir: Path, step_log: StepLog) -> dict:
     metrics["global_step"] = trainer.state.global_step
     metrics["resumed_from_step"] = int(ckpt.name.rsplit("-", 1)[1]) if ckpt else None
     metrics["num_input_tokens_seen"] = trainer.state.num_input_tokens_seen
+    if metrics.get("train_runtime"):  # this run's throughput: tokens since the checkpoint, over this run's time
+        metrics["tokens_per_s"] = round((metrics["num_input_tokens_seen"] - start_tokens) / metrics["train_runtime"], 1)
     return metrics
 
 

@@ -126,6 +126,9 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tiny_model, tmp_path, p
     assert resumed["resumed_from_step"] and resumed["resumed_from_step"] % 15 == 0
     assert resumed["global_step"] == straight["global_step"] == 120
     assert abs(resumed["eval_loss"] - straight["eval_loss"]) < 1e-3
+    # Every token was seen once overall, but this run's throughput counts only the tokens after its checkpoint.
+    assert resumed["num_input_tokens_seen"] == straight["num_input_tokens_seen"]
+    assert resumed["tokens_per_s"] * resumed["train_runtime"] < 0.99 * resumed["num_input_tokens_seen"]
     manifest = json.loads((out / "sft" / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["attempts"] == 2
     steps = [json.loads(line)["step"] for line in (out / "sft" / "log.jsonl").read_text().splitlines()

@@ -80,6 +80,4 @@ def run(stage: SFTStage, name: str, out_dir: Path, model_path: str) -> dict:
     save_model(trainer.model, tokenizer, out_dir / "model", stage.merge_lora)
     metrics.update(train_rows=len(train_ds), eval_rows=len(eval_rows), rows_too_long=train_too_long,
                    seconds=round(timer.seconds(), 1))
-    if metrics.get("train_runtime"):
-        metrics["tokens_per_s"] = round(metrics["num_input_tokens_seen"] / metrics["train_runtime"], 1)
     return metrics
