@@ -88,10 +88,9 @@ class RewardStage(TrainStage):
 
 
 # Every loss TRL 1.16's DPOTrainer implements (tests check this list against TRL's).
-DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 DPOLoss = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]
+DPO_LOSS_TYPES = typing.get_args(DPOLoss)
 
 
 @dataclass
@@ -237,8 +236,8 @@ def recipe_from_dict(raw: dict, source: str = "<recipe>", from_cli: set[str] = f
         for ref_key in ("model", "reward_model"):
             _check_stage_ref(getattr(stage, ref_key, None), f"{key}.{ref_key}", seen, stages_raw, ctx)
         if getattr(stage, "reward_model", None):
-            target = stages_raw.get(STAGE_REF.match(stage.reward_model).group(1)) or {}
-            if str(target.get("type") or STAGE_REF.match(stage.reward_model).group(1)) != "reward":
+            target_name = STAGE_REF.match(stage.reward_model).group(1)
+            if str((stages_raw.get(target_name) or {}).get("type") or target_name) != "reward":
                 raise AlignError(f"{ctx.origin(key + '.reward_model')}: '{key}.reward_model' must name a stage "
                                  "of type reward")
         if not 0.0 <= stage.eval_fraction < 1.0:
@@ -297,7 +296,7 @@ def _suggest(name: str, valid) -> str:
     valid = list(valid)
     if _KNOWN_ALIASES.get(name) in valid:
         return f" (did you mean '{_KNOWN_ALIASES[name]}'?)"
-    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 

@@ -310,14 +310,12 @@ def _check_messages(messages: Any, field: str, at: str, must_end_with: str) -> N
 def as_messages(row: dict) -> list[dict]:
     """An SFT row as one message list (prompt/completion rows become user + assistant turns)."""
     if "messages" in row:
-        return [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
-    prompt, completion = row["prompt"], row["completion"]
-    prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    completion = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else list(completion)
-    return [{"role": m["role"], "content": m["content"]} for m in prompt + completion]
+        return as_turns(row["messages"], "user")
+    return as_turns(row["prompt"], "user") + as_turns(row["completion"], "assistant")
 
 
-def _turns(value, role: str) -> list[dict]:
+def as_turns(value, role: str) -> list[dict]:
+    """A string as one message of `role`, or a message list reduced to role and content."""
     if isinstance(value, str):
         return [{"role": role, "content": value}]
     return [{"role": m["role"], "content": m["content"]} for m in value]
@@ -329,11 +327,11 @@ def as_preference(row: dict) -> dict:
     The implicit-prompt form (chosen/rejected holding the whole chat) is split at the final
     assistant turn, so every stage sees the prompt on its own."""
     if "prompt" in row:
-        prompt = _turns(row["prompt"], "user")
-        chosen, rejected = _turns(row["chosen"], "assistant"), _turns(row["rejected"], "assistant")
+        prompt = as_turns(row["prompt"], "user")
+        chosen, rejected = as_turns(row["chosen"], "assistant"), as_turns(row["rejected"], "assistant")
     else:
-        prompt = _turns(row["chosen"][:-1], "user")
-        chosen, rejected = _turns(row["chosen"][-1:], "assistant"), _turns(row["rejected"][-1:], "assistant")
+        prompt = as_turns(row["chosen"][:-1], "user")
+        chosen, rejected = as_turns(row["chosen"][-1:], "assistant"), as_turns(row["rejected"][-1:], "assistant")
     out = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
     if row.get("margin") is not None:
         out["margin"] = float(row["margin"])
@@ -343,7 +341,7 @@ def as_preference(row: dict) -> dict:
 def as_unpaired(row: dict) -> list[dict]:
     """KTO rows {prompt, completion, label} from an unpaired row, or two from a preference pair."""
     if "label" in row:
-        return [{"prompt": _turns(row["prompt"], "user"), "completion": _turns(row["completion"], "assistant"),
+        return [{"prompt": as_turns(row["prompt"], "user"), "completion": as_turns(row["completion"], "assistant"),
                  "label": row["label"]}]
     pair = as_preference(row)
     return [{"prompt": pair["prompt"], "completion": pair["chosen"], "label": True},

@@ -1,7 +1,7 @@
 """`align demo`: SFT -> reward model -> DPO on the real SmolLM2-135M-Instruct, on CPU.
 
 The embedded recipe (`align/assets/demo.yaml`) teaches concise answers over rambling
-ones: the SFT data rambles half the time, the preference pairs prefer the one-sentence
+ones: the SFT data rambles 80% of the time, the preference pairs prefer the one-sentence
 answer. The DPO stage scores greedy answers to held-out questions with the reward model
 before and after; the demo prints those side by side with the shift in reward, win rate
 and answer length, and leaves the run's `report.md`.
@@ -24,7 +24,7 @@ RECIPE = Path(__file__).parent / "assets" / "demo.yaml"
 
 def run_demo(output_dir: str, overrides: list[str] = ()) -> int:
     recipe = load_recipe(RECIPE, [f"output_dir={output_dir}", *overrides])
-    log.info("demo: SmolLM2-135M-Instruct, LoRA SFT -> reward -> DPO towards concise answers (~10 min on 2 cores)")
+    log.info("demo: SmolLM2-135M-Instruct, LoRA SFT -> reward -> DPO towards concise answers (~13 min on 2 cores)")
     metrics = run_recipe(recipe)
     dpo = metrics["dpo"]
     samples = [json.loads(line) for line in (Path(output_dir) / "dpo" / "samples.jsonl").read_text().splitlines()]

@@ -15,13 +15,9 @@ from pathlib import Path
 
 import torch
 
+from align.data import as_turns
+
 SCORER_CONFIG = "align_reward.json"  # written next to the saved reward model
-
-
-def as_turns(value, role: str) -> list[dict]:
-    if isinstance(value, str):
-        return [{"role": role, "content": value}]
-    return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
 def encode(tokenizer, prompt, completion, max_length: int | None = None) -> list[int]:

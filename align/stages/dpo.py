@@ -28,8 +28,8 @@ log = logging.getLogger("align")
 
 
 def weights_hash(model) -> str:
-    """sha256 over every parameter and buffer, read in place: copying each tensor to bytes (as
-    TRL's `hash_module` does) left the process ~1x the model larger for the rest of the run."""
+    """sha256 over every parameter and buffer, fed to hashlib in place (TRL's `hash_module` makes a
+    bytes copy of each tensor first)."""
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
@@ -96,13 +96,14 @@ def preference_rows(stage, name: str, tokenizer) -> tuple[list[dict], list[dict]
         return max(len(tokenizer.apply_chat_template(pair["prompt"] + pair[k], tokenize=True,
                                                      return_dict=True)["input_ids"]) for k in ("chosen", "rejected"))
 
-    too_long = sum(length(p) > stage.max_length for p in train)
+    fits = [length(p) <= stage.max_length for p in train]
+    too_long = fits.count(False)
     if too_long:
         verb = "dropped" if stage.too_long == "drop" else "truncated"
         log.warning("%s: %d of %d pairs are longer than max_length=%d tokens and were %s", name, too_long,
                     len(train), stage.max_length, verb)
         if stage.too_long == "drop":
-            train = [p for p in train if length(p) <= stage.max_length]
+            train = [p for p, ok in zip(train, fits) if ok]
             held = [p for p in held if length(p) <= stage.max_length]
             if not train:
                 raise AlignError(f"{name}: every pair is longer than max_length={stage.max_length} tokens")
