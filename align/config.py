@@ -120,11 +120,76 @@ class KTOStage(TrainStage, PolicyEval):
     undesirable_weight: float = 1.0
 
 
+@dataclass
+class OnlineStage(TrainStage, PolicyEval):
+    """Knobs of the online stages (PPO, GRPO, RLOO): prompts in, sampled completions scored by the
+    recipe's reward model (and, optionally, a Python function), the policy updated on them."""
+
+    lr: float = 1e-5
+    max_length: int = 256  # prompt tokens + response_length; longer prompts follow `too_long`
+    response_length: int = 32  # most new tokens per sampled completion
+    temperature: float = 1.0  # sampling temperature of the rollouts
+    top_p: float = 1.0
+    top_k: int = 0  # 0 turns top-k off
+    reward_fn: str | None = None  # `module:function(prompts, completions) -> list[float]`, added to the reward model's
+    engine: Literal["hf", "vllm"] = "hf"  # vllm needs a CUDA GPU and `pip install align[vllm]`
+    gpu_memory_utilization: float = 0.3  # vLLM's share of GPU memory; the trainer needs the rest
+    tensor_parallel_size: int = 1  # vLLM GPUs per engine
+    sync_timeout: float = 120.0  # seconds a policy-weight sync to vLLM may take before the stage fails
+
+
+@dataclass
+class PPOStage(OnlineStage):
+    """PPO with a learned value model (Ouyang et al. 2022; Huang et al. 2024, "The N+ implementation details").
+
+    One step: `rollout_batch_size` prompts -> completions -> rewards -> GAE -> `ppo_epochs` passes over
+    mini-batches of `batch_size`. `max_steps` counts these steps; `epochs` counts passes over the prompts."""
+
+    rollout_batch_size: int = 16  # prompts sampled per PPO step
+    ppo_epochs: int = 4  # optimisation passes over each batch of rollouts
+    kl_coef: float = 0.05  # per-token KL penalty on the reward; the starting value when kl_target is set
+    kl_estimator: Literal["k1", "k3"] = "k1"  # k3 is never negative, k1 is the classic choice
+    kl_target: float | None = None  # set (e.g. 6.0) for the adaptive KL controller of Ziegler et al. 2019
+    kl_horizon: int = 10000  # adaptive controller's horizon, in samples
+    gamma: float = 1.0
+    lam: float = 0.95  # GAE lambda
+    clip_eps: float = 0.2  # policy ratio clip
+    value_clip_eps: float = 0.2  # value clip around the rollout-time values
+    vf_coef: float = 0.1  # value loss weight
+    entropy_coef: float = 0.0  # > 0 rewards entropy
+    whiten_advantages: bool = True
+    missing_eos_penalty: float = 1.0  # subtracted from the reward of completions that never reach EOS
+    value_model: Literal["reward", "policy"] = "reward"  # what the value model's weights start from
+
+
+@dataclass
+class GRPOStage(OnlineStage):
+    """GRPO over TRL's GRPOTrainer: group-normalised rewards over `num_generations` samples per prompt."""
+
+    num_generations: int = 4  # completions per prompt; batch_size must be a multiple of it
+    beta: float = 0.0  # KL coefficient to the reference; TRL's default 0 keeps no reference model
+    epsilon: float = 0.2  # ratio clip
+    loss_type: str = "dapo"  # TRL's GRPO loss: grpo, dr_grpo, dapo, bnpo, ...
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+
+
+@dataclass
+class RLOOStage(OnlineStage):
+    """RLOO over TRL's RLOOTrainer: each sample's baseline is the mean reward of the other samples."""
+
+    num_generations: int = 4  # completions per prompt; batch_size must be a multiple of it
+    beta: float = 0.05  # KL coefficient to the reference
+    epsilon: float = 0.2
+
+
 # The stage types a recipe may use.
 STAGE_TYPES: dict[str, type[TrainStage]] = {"sft": SFTStage, "reward": RewardStage, "dpo": DPOStage,
-                                            "kto": KTOStage}
+                                            "kto": KTOStage, "ppo": PPOStage, "grpo": GRPOStage, "rloo": RLOOStage}
 # The data kind (align.data) each stage type reads.
-STAGE_DATA = {"sft": "sft", "reward": "preference", "dpo": "preference", "kto": "kto"}
+STAGE_DATA = {"sft": "sft", "reward": "preference", "dpo": "preference", "kto": "kto", "ppo": "prompts",
+              "grpo": "prompts", "rloo": "prompts"}
+# Stage types that sample completions and need a reward model (or reward_fn) to learn from.
+ONLINE_TYPES = ("ppo", "grpo", "rloo")
 
 
 @dataclass
@@ -240,6 +305,10 @@ def recipe_from_dict(raw: dict, source: str = "<recipe>", from_cli: set[str] = f
             if str((stages_raw.get(target_name) or {}).get("type") or target_name) != "reward":
                 raise AlignError(f"{ctx.origin(key + '.reward_model')}: '{key}.reward_model' must name a stage "
                                  "of type reward")
+        if stage_type in ONLINE_TYPES and not stage.reward_model and not stage.reward_fn \
+                and not any(recipe.stages[n].type == "reward" for n in seen):
+            raise AlignError(f"{ctx.origin(key)}: stage '{name}' ({stage_type}) needs a reward: an earlier stage of "
+                             f"type reward, '{key}.reward_model: ${{stage}}', or '{key}.reward_fn: module:function'")
         if not 0.0 <= stage.eval_fraction < 1.0:
             raise AlignError(f"{ctx.origin(key + '.eval_fraction')}: '{key}.eval_fraction' must be in [0, 1), "
                              f"got {stage.eval_fraction}")

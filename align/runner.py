@@ -40,6 +40,18 @@ def stage_runner(stage_type: str):
         from align.stages import kto
 
         return kto.run
+    if stage_type == "ppo":
+        from align.stages import ppo
+
+        return ppo.run
+    if stage_type == "grpo":
+        from align.stages import grpo
+
+        return grpo.run_grpo
+    if stage_type == "rloo":
+        from align.stages import grpo
+
+        return grpo.run_rloo
     raise AlignError(f"no runner for stage type '{stage_type}'")
 
 

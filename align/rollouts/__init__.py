@@ -1,0 +1,63 @@
+"""Rollouts: N sampled completions per prompt, from one interface over two engines.
+
+    engine = make_engine("hf", model, tokenizer)            # or "vllm" on a CUDA GPU
+    groups = engine.generate(prompts, n=4, sampling=Sampling(max_new_tokens=32, seed=0))
+    groups[i][j].text, .token_ids, .finished, .logps       # j-th completion of prompt i
+
+A prompt is a string (one user turn) or a message list; the engine renders it with the
+tokenizer's chat template (the one every stage uses) and the generation prompt. Completions
+stop at EOS; `token_ids` keeps the EOS when it was reached (`finished`), so a trainer sees
+the stop token it must learn to emit. `logps`, on request, are the per-token log-probs of
+the sampled tokens under the model's raw distribution (temperature 1, no top-k/top-p), the
+quantity PPO's ratio needs.
+
+`engine.load_weights(model)` hands the engine new policy weights during training: a no-op
+for the HF engine, which samples from the live model, and a weight sync for vLLM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ENGINES = ("hf", "vllm")
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0 is greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 turns top-k off
+    seed: int | None = None  # same seed, prompts and batch size -> same completions
+
+
+@dataclass
+class Completion:
+    prompt_ids: list[int]  # the rendered prompt, as the engine tokenized it
+    token_ids: list[int]  # completion tokens, EOS included when reached
+    text: str  # decoded completion, special tokens dropped
+    finished: bool  # reached EOS within max_new_tokens
+    logps: list[float] | None = field(default=None)  # per token, when asked for
+
+
+def render_prompt(tokenizer, prompt) -> str:
+    """The chat-template text a prompt (string or message list) is sampled from."""
+    from align.data import as_turns
+
+    return tokenizer.apply_chat_template(as_turns(prompt, "user"), tokenize=False, add_generation_prompt=True)
+
+
+def make_engine(kind: str, model, tokenizer, **options):
+    """`hf`: `model` is a loaded causal LM (sampled in place). `vllm`: `model` is a model folder;
+    options: gpu_memory_utilization, tensor_parallel_size, sync_timeout, max_model_len."""
+    if kind == "hf":
+        from align.rollouts.hf import HFEngine
+
+        return HFEngine(model, tokenizer, **options)
+    if kind == "vllm":
+        from align.rollouts.vllm import VLLMEngine  # imported only here: vLLM is an optional, GPU-only extra
+
+        return VLLMEngine(model, tokenizer, **options)
+    from align.errors import AlignError
+
+    raise AlignError(f"engine '{kind}': expected one of {', '.join(ENGINES)}")
