@@ -59,6 +59,14 @@ def tiny_preference_rows(rng: random.Random, n: int) -> list[dict]:
     return rows
 
 
+def distinct_prompts(pairs: list[dict]) -> list[dict]:
+    """`{"prompt"}` rows for the online stages (GRPO, RLOO, PPO): each pair's prompt once, in order."""
+    seen: dict[str, None] = {}
+    for pair in pairs:
+        seen.setdefault(pair["prompt"], None)
+    return [{"prompt": p} for p in seen]
+
+
 # Rambling always opens with the same sentence, so a model tuned on it continues past the answer
 # by habit (with seven openers, stopping would be the single likeliest next token).
 RAMBLE_OPENER = "I hope this answer is useful to you."
@@ -140,7 +148,9 @@ def concise_rows(rng: random.Random, n: int) -> list[dict]:
 if __name__ == "__main__":
     write_jsonl(HERE / "tiny_sft.jsonl", sft_rows(random.Random(0), 600))
     write_jsonl(HERE / "tiny_chatty_sft.jsonl", chatty_sft_rows(random.Random(2), 600))
-    write_jsonl(HERE / "tiny_prefs.jsonl", tiny_preference_rows(random.Random(3), 400))
+    tiny_prefs = tiny_preference_rows(random.Random(3), 400)
+    write_jsonl(HERE / "tiny_prefs.jsonl", tiny_prefs)
+    write_jsonl(HERE / "tiny_prompts.jsonl", distinct_prompts(tiny_prefs))
     write_jsonl(HERE / "concise_sft.jsonl", concise_rows(random.Random(1), 240))
     chatty, prefs = demo_rows(random.Random(4), 160, 240)
     # `align demo` runs from an installed package, so it carries its own copies.
