@@ -57,6 +57,14 @@ def kl_estimate(logps: torch.Tensor, ref_logps: torch.Tensor, kind: str = "k1") 
     raise ValueError(f"unknown KL estimator {kind!r}; expected k1, k2 or k3")
 
 
+def adaptive_kl_coef(coef: float, kl: float, target: float, n_samples: int, horizon: int) -> float:
+    """Adaptive KL controller (Ziegler et al. 2019, eq. 2): nudge β towards the KL target.
+
+    e = clip(KL / target - 1, -0.2, 0.2);  β ← β · (1 + e · n_samples / horizon)."""
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return coef * (1.0 + error * n_samples / horizon)
+
+
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
         lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalized advantage estimation (Schulman et al. 2016, eq. 16), per token.
