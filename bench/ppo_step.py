@@ -1,0 +1,220 @@
+"""Seconds per PPO update and peak memory: TRL 1.12.0's PPOTrainer versus align's PPO stage.
+
+    python bench/ppo_step.py                 # ~5 min on 2 CPU cores (+1-2 min the first time: the TRL venv)
+    python bench/ppo_step.py --profile       # also cProfile both runs and print where the time goes
+
+TRL dropped PPO after 1.12.0, so its side runs in a throwaway venv, `.bench-venvs/trl112`
+(torch 2.13.0 pinned, then trl 1.12.0 with the main venv's transformers/accelerate/datasets),
+created here if missing. Both sides get the same random-weight 4-layer, 256-wide policy, the
+same random-weight reward model (1-output sequence classifier, also the value model's start),
+the same prompts and the same rollout batch, mini-batch, PPO epochs, response length, lr and
+sampling temperature (1.0), without activation checkpointing. A random model rarely emits EOS,
+so both sample close to rollout_batch x response_length tokens per update.
+
+One update = one batch of rollouts, scoring, GAE and all its PPO epochs. Each side times its
+updates inside its own process (model loading and start-up excluded); the first update is a
+warm-up and dropped; the median of the rest is reported. Peak RSS is each child's ru_maxrss,
+so it includes the models. Target: align >= 1.5x faster than TRL with no more memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pstats
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+VENV = REPO / ".bench-venvs" / "trl112"
+VENV_PY = VENV / "bin" / "python"
+PROMPTS = REPO / "recipes" / "data" / "tiny_prompts.jsonl"
+# The main venv's versions of TRL's dependencies, so both sides run the same transformers and torch.
+PINS = ["torch==2.13.0", "transformers==5.23.0", "accelerate==1.15.0", "datasets==5.2.0"]
+
+
+def ensure_trl_venv() -> None:
+    ok = VENV_PY.exists() and subprocess.run(
+        [str(VENV_PY), "-c", "import trl, torch; assert trl.__version__ == '1.12.0' and torch.__version__.startswith('2.13.0')"],
+        capture_output=True).returncode == 0
+    if ok:
+        return
+    print(f"creating {VENV.relative_to(REPO)} (torch 2.13.0 CPU, trl 1.12.0): a minute or two ...", file=sys.stderr,
+          flush=True)
+    subprocess.run(["python3", "-m", "venv", str(VENV)], check=True)
+    pip = [str(VENV_PY), "-m", "pip", "install", "-q"]
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+        f.write("\n".join(PINS) + "\n")  # keeps torch pinned: a bare torch would pull a multi-GB CUDA build
+    try:
+        subprocess.run(pip + ["torch==2.13.0"], check=True)
+        subprocess.run(pip + ["-c", f.name, "trl==1.12.0", *PINS[1:]], check=True)
+    finally:
+        os.unlink(f.name)
+
+
+def build_models(work: Path, hidden: int, layers: int) -> tuple[str, str]:
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    from align.tiny import build_tiny_model
+
+    policy_dir = build_tiny_model(work / "policy", hidden=hidden, layers=layers, seed=0)
+    tok = AutoTokenizer.from_pretrained(policy_dir)
+    config = AutoConfig.from_pretrained(policy_dir, num_labels=1)
+    config.pad_token_id = tok.pad_token_id
+    torch.manual_seed(1)
+    reward = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+    reward_dir = work / "reward"
+    reward.save_pretrained(reward_dir)
+    tok.save_pretrained(reward_dir)
+    return str(policy_dir), str(reward_dir)
+
+
+def child_ours(settings_path: str, result_path: str) -> None:
+    """Our PPO stage, called as a Python function, on the bench's folders and settings."""
+    import torch
+
+    from align.config import PPOStage
+    from align.stages.ppo import run
+
+    s = json.loads(Path(settings_path).read_text())
+    stage = PPOStage(model=s["model"], data=s["prompts"], rollout_batch_size=s["rollout_batch_size"],
+                     batch_size=s["mini_batch_size"], ppo_epochs=s["ppo_epochs"], response_length=s["response_length"],
+                     max_steps=s["updates"], eval_fraction=0.0, eval_prompts=0, save_steps=10**9, logging_steps=1,
+                     seed=s["seed"], lr=s["lr"], lr_scheduler="constant", temperature=s["temperature"],
+                     kl_coef=s["kl_coef"], kl_estimator=s["kl_estimator"], vf_coef=s["vf_coef"],
+                     clip_eps=s["clip_eps"], value_clip_eps=s["clip_eps"], missing_eos_penalty=s["missing_eos_penalty"],
+                     max_grad_norm=s["max_grad_norm"], value_model="reward")
+    stage.type = "ppo"
+    out = Path(s["out"])
+    metrics = run(stage, "ppo", out, s["model"], s["reward"])
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if not r.get("skipped")]
+    result = {
+        "step_seconds": [r["step_seconds"] for r in rows],
+        "gen_seconds": [r.get("gen_seconds") for r in rows],
+        "train_seconds": [r.get("train_seconds") for r in rows],
+        "response_length": [r.get("response_length") for r in rows],
+        "peak_rss_mb": metrics.get("peak_rss_mb"),
+        "peak_rss_mb_getrusage": __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss / 1024,
+        "scores": [r.get("reward") for r in rows],
+        "kl": [r.get("kl") for r in rows],
+        "torch_threads": torch.get_num_threads(),
+    }
+    Path(result_path).write_text(json.dumps(result, indent=1))
+
+
+def run_child(name: str, cmd: list[str], settings: dict, work: Path, profile: bool) -> dict:
+    out = work / f"out-{name}"
+    settings = {**settings, "out": str(out)}
+    settings_path, result_path = work / f"settings-{name}.json", work / f"result-{name}.json"
+    settings_path.write_text(json.dumps(settings))
+    prof = work / f"{name}.prof"
+    py, script = cmd[0], cmd[1:]
+    full = [py, *(["-m", "cProfile", "-o", str(prof)] if profile else []), *script, str(settings_path), str(result_path)]
+    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(REPO), "TRL_EXPERIMENTAL_SILENCE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    print(f"running {name} ...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(full, capture_output=True, text=True, env=env, cwd=REPO)
+    if proc.returncode or not result_path.exists():
+        sys.exit(f"{name} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    result = json.loads(result_path.read_text())
+    result["wall_seconds"] = time.perf_counter() - t0
+    result["profile"] = str(prof) if profile else None
+    return result
+
+
+def summarize(r: dict) -> dict:
+    steps = r["step_seconds"][1:] or r["step_seconds"]  # the first update is a warm-up
+    return {"median": statistics.median(steps), "min": min(steps), "max": max(steps), "n": len(steps)}
+
+
+def print_profile(name: str, path: str, top: int = 25) -> None:
+    stats = pstats.Stats(path)
+    print(f"\n--- {name}: cProfile, top {top} by cumulative time (whole process, loading included) ---")
+    rows = []
+    for (file, line, func), (cc, nc, tt, ct, callers) in stats.stats.items():
+        rows.append((ct, tt, nc, f"{Path(file).parent.name}/{Path(file).name}:{line}({func})"))
+    rows.sort(reverse=True)
+    for ct, tt, nc, where in rows[:top]:
+        print(f"  {ct:8.2f}s cum  {tt:7.2f}s own  {nc:7d} calls  {where}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rollout-batch-size", type=int, default=16)
+    p.add_argument("--mini-batch-size", type=int, default=8)
+    p.add_argument("--ppo-epochs", type=int, default=4)
+    p.add_argument("--response-length", type=int, default=32)
+    p.add_argument("--updates", type=int, default=6, help="PPO updates per side; the first is a warm-up")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--profile", action="store_true", help="cProfile both children and print the top functions")
+    p.add_argument("--only", choices=("trl", "ours"), help="run one side only")
+    p.add_argument("--work", help="folder for models and outputs (default: a new temp folder)")
+    p.add_argument("--child", nargs=2, metavar=("SETTINGS", "RESULT"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        child_ours(*args.child)
+        return
+
+    sys.path.insert(0, str(REPO))
+    ensure_trl_venv()
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="align-ppo-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    if (work / "policy").exists():
+        policy_dir, reward_dir = str(work / "policy"), str(work / "reward")
+    else:
+        policy_dir, reward_dir = build_models(work, args.hidden, args.layers)
+    if args.rollout_batch_size % args.mini_batch_size:
+        sys.exit("--rollout-batch-size must be a multiple of --mini-batch-size (TRL's num_mini_batches)")
+    settings = dict(model=policy_dir, reward=reward_dir, prompts=str(PROMPTS), seed=0, lr=1e-5,
+                    rollout_batch_size=args.rollout_batch_size, mini_batch_size=args.mini_batch_size,
+                    ppo_epochs=args.ppo_epochs, response_length=args.response_length, updates=args.updates,
+                    temperature=1.0, kl_coef=0.05, kl_estimator="k1", vf_coef=0.1, clip_eps=0.2,
+                    missing_eos_penalty=1.0, max_grad_norm=1.0)
+    print(f"work folder: {work}", file=sys.stderr)
+    results = {}
+    if args.only != "ours":
+        results["trl 1.12.0"] = run_child("trl", [str(VENV_PY), str(REPO / "bench" / "trl112" / "run_ppo.py")],
+                                         settings, work, args.profile)
+    if args.only != "trl":
+        results["align"] = run_child("ours", [sys.executable, str(Path(__file__).resolve()), "--child"],
+                                     settings, work, args.profile)
+
+    print(f"\nPPO update: policy {args.layers}x{args.hidden} (random weights), rollout batch {args.rollout_batch_size}, "
+          f"mini-batch {args.mini_batch_size}, {args.ppo_epochs} PPO epochs, response_length {args.response_length}, "
+          f"{args.updates} updates (first dropped), CPU, {os.cpu_count()} cores")
+    print(f"{'':12} {'s/update (median)':>18} {'min':>7} {'max':>7} {'peak RSS MB':>12} {'torch threads':>14}")
+    for name, r in results.items():
+        t = summarize(r)
+        print(f"{name:12} {t['median']:18.3f} {t['min']:7.3f} {t['max']:7.3f} {r['peak_rss_mb']:12.0f} "
+              f"{r.get('torch_threads', '?'):>14}")
+    if "align" in results:
+        r = results["align"]
+        gen = statistics.median(r["gen_seconds"][1:] or r["gen_seconds"])
+        train = statistics.median(r["train_seconds"][1:] or r["train_seconds"])
+        lengths = r["response_length"]
+        print(f"align split: generation {gen:.3f} s, PPO epochs {train:.3f} s, scoring/ref/value passes the rest; "
+              f"mean response length {statistics.fmean(lengths):.1f} tokens")
+    if len(results) == 2:
+        t_trl, t_ours = (summarize(results[k])["median"] for k in ("trl 1.12.0", "align"))
+        m_trl, m_ours = (results[k]["peak_rss_mb"] for k in ("trl 1.12.0", "align"))
+        speed, mem = t_trl / t_ours, m_ours / m_trl
+        print(f"speed (trl/align time): {speed:.2f}x   memory (align/trl peak RSS): {mem:.2f}x   "
+              f"target >= 1.5x and <= 1.00x: {'met' if speed >= 1.5 and mem <= 1.0 else 'NOT met'}")
+    if args.profile:
+        for name, r in results.items():
+            print_profile(name, r["profile"])
+    print(json.dumps({k: {**summarize(v), "peak_rss_mb": v["peak_rss_mb"], "step_seconds": v["step_seconds"]}
+                      for k, v in results.items()}))
+
+
+if __name__ == "__main__":
+    main()
