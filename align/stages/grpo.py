@@ -1,0 +1,301 @@
+"""GRPO and RLOO over TRL's `GRPOTrainer` and `RLOOTrainer`: sample, score, update.
+
+Each step samples `num_generations` completions for each of `batch_size * grad_accum /
+num_generations` prompts (TRL's `per_device_train_batch_size` counts completions, not
+prompts), scores every completion, and pushes the policy towards the completions that
+beat their group: GRPO normalises each reward by its group's mean (and std, per
+`scale_rewards`); RLOO subtracts the mean of the other samples of the same prompt. The
+loss is TRL's (one copy of the math).
+
+Rewards. The recipe's reward model (`reward_model`, else the latest earlier reward stage)
+scores each completion's text with `RewardScorer`, so the policy and the reward model may
+use different tokenizers. `reward_fn: module:function` adds a Python function called as
+`function(prompts, completions) -> list[float]`, prompts as message lists, completions as
+text; with both, TRL sums the two. A NaN or infinite reward becomes `None`, TRL's "this
+function does not score this completion": the other reward function alone scores it, and a
+completion no function scores gets advantage 0 (TRL's nan-aware means leave it out of the
+group baseline). Every such reward is counted (`rewards/<fn>/non_finite` per step,
+`reward_non_finite` in metrics.json) and warned about, so a broken reward shows instead of
+quietly flattening the advantages.
+
+Reference (beta > 0): the starting model; under LoRA the same model with its adapter
+disabled (TRL would otherwise keep a copy of the fresh adapter as "ref" and save it too).
+
+Prompts longer than `max_length - response_length` tokens (after the chat template) follow
+`too_long`: dropped, or cut from the left so the end of the conversation (the question
+just asked) stays. Evaluation: greedy completions of up to `eval_prompts` held-out prompts,
+before and after, scored by the reward model (`eval_reward_before/after`, `eval_win_rate`,
+as for DPO) and by `reward_fn` when given (`eval_reward_fn_before/after`).
+
+Engine: `hf` samples with `generate` (CPU or GPU); `vllm` is TRL's colocated vLLM
+(`use_vllm`, `vllm_mode="colocate"`), which needs a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+
+from align.artifacts import StepLog, Timer
+from align.config import GRPOStage, RLOOStage
+from align.data import as_turns, load_split
+from align.errors import AlignError
+from align.models import adapter_base, apply_lora, load_model, load_tokenizer
+from align.policy_eval import completions_before, reward_report
+from align.stages.dpo import unique_prompts
+from align.training import AlignCallback, save_model, train_with_resume, trainer_args
+
+log = logging.getLogger("align")
+
+
+def run_grpo(stage: GRPOStage, name: str, out_dir: Path, model_path: str, reward_path: str | None = None) -> dict:
+    from trl import GRPOConfig, GRPOTrainer
+
+    return _run(stage, name, out_dir, model_path, reward_path, GRPOConfig, GRPOTrainer,
+                dict(loss_type=stage.loss_type, scale_rewards=stage.scale_rewards))
+
+
+def run_rloo(stage: RLOOStage, name: str, out_dir: Path, model_path: str, reward_path: str | None = None) -> dict:
+    from trl import RLOOConfig, RLOOTrainer
+
+    return _run(stage, name, out_dir, model_path, reward_path, RLOOConfig, RLOOTrainer, {})
+
+
+def _run(stage, name: str, out_dir: Path, model_path: str, reward_path: str | None, config_cls, trainer_cls,
+         method_args: dict) -> dict:
+    from datasets import Dataset
+
+    timer = Timer()
+    engine_args = engine_settings(stage, name)
+    check_batch(stage, name)
+    user_fn = load_reward_fn(stage.reward_fn, name) if stage.reward_fn else None
+    if reward_path is None and user_fn is None:
+        raise AlignError(f"stages.{name}: no reward: set 'reward_fn: module:function' or add a reward stage before it")
+
+    tokenizer = load_tokenizer(model_path)
+    train, held, too_long = prompt_rows(stage, name, tokenizer)
+    log.info("%s: %d training prompts, %d held out; %d completions per prompt", name, len(train), len(held),
+             stage.num_generations)
+
+    reward_funcs = []
+    if reward_path:
+        from reward.score import RewardScorer
+
+        scorer = RewardScorer(reward_path)  # loaded once, reused by every step and the evaluation
+        reward_funcs.append(CheckedReward("reward_model", scorer.score))
+    if user_fn is not None:
+        reward_funcs.append(CheckedReward(stage.reward_fn.rpartition(":")[2], user_fn))
+
+    model = load_model(model_path)
+    start_state = {k: v.detach().clone() for k, v in model.state_dict().items()} \
+        if stage.beta > 0 and not stage.lora and adapter_base(model_path) else None
+    eval_prompts = unique_prompts(held, stage.eval_prompts)
+    before_texts = None
+    if eval_prompts:
+        before_texts = completions_before(model, tokenizer, eval_prompts, out_dir, stage.max_new_tokens)
+    if stage.lora:
+        model = apply_lora(model, stage.lora)
+
+    step_log = StepLog(out_dir / "log.jsonl")
+    config = config_cls(
+        **trainer_args(stage, out_dir, has_eval=False),  # held-out prompts are scored below, greedily
+        num_generations=stage.num_generations,
+        max_completion_length=stage.response_length,
+        temperature=stage.temperature,
+        top_p=stage.top_p,
+        top_k=stage.top_k,
+        beta=stage.beta,
+        epsilon=stage.epsilon,
+        disable_dropout=True,  # dropout would make the ratio and KL of identical weights differ from 1 and 0
+        **method_args,
+        **engine_args,
+    )
+    trainer = trainer_cls(model=model, reward_funcs=reward_funcs, args=config, train_dataset=Dataset.from_list(train),
+                          processing_class=tokenizer, callbacks=[AlignCallback(step_log)])
+    if stage.lora and "ref" in trainer.model.peft_config:
+        # A fresh adapter's copy computes the base model; disabling the adapter does that without a copy.
+        trainer.model.delete_adapter("ref")
+    if start_state is not None and trainer.ref_model is not None:
+        # TRL builds the reference from `config._name_or_path`, which for a merged adapter is its base, not this policy.
+        trainer.ref_model.load_state_dict(start_state)
+
+    metrics = train_with_resume(trainer, out_dir, step_log)
+    save_model(trainer.model, tokenizer, out_dir / "model", stage.merge_lora)
+
+    if before_texts is not None:
+        from align.generate import greedy_completions
+
+        after_texts = greedy_completions(trainer.model, tokenizer, eval_prompts, max_new_tokens=stage.max_new_tokens)
+        if reward_path:
+            metrics.update(reward_report(reward_path, eval_prompts, before_texts, after_texts, out_dir))
+        if user_fn is not None:
+            metrics["eval_reward_fn_before"] = mean_finite(user_fn(eval_prompts, before_texts))
+            metrics["eval_reward_fn_after"] = mean_finite(user_fn(eval_prompts, after_texts))
+    else:
+        log.warning("%s: no held-out prompts, so no before/after evaluation (set eval_fraction > 0)", name)
+    history = [r for r in trainer.state.log_history if isinstance(r.get("reward"), (int, float))]
+    if history:
+        metrics.update(train_reward_first=history[0]["reward"], train_reward_last=history[-1]["reward"])
+    non_finite = sum(f.non_finite for f in reward_funcs)
+    if non_finite:
+        log.warning("%s: %d of %d rewards were NaN or infinite and were left out (%s)", name, non_finite,
+                    sum(f.scored for f in reward_funcs), ", ".join(f"{f.__name__}: {f.non_finite}" for f in reward_funcs))
+    metrics.update(train_prompts=len(train), eval_prompts_held_out=len(held), prompts_too_long=too_long,
+                   reward_non_finite=non_finite, reward_scored=sum(f.scored for f in reward_funcs),
+                   seconds=round(timer.seconds(), 1))
+    return metrics
+
+
+def engine_settings(stage, name: str) -> dict:
+    """TRL's generation settings for `engine`; vLLM is checked here, before anything loads."""
+    if stage.engine == "hf":
+        return {}
+    import torch
+
+    if not torch.cuda.is_available():
+        raise AlignError(f"stages.{name}.engine: 'vllm' needs a CUDA GPU and none is visible; use engine: hf on CPU")
+    if importlib.util.find_spec("vllm") is None:
+        raise AlignError(f"stages.{name}.engine: 'vllm' is not installed; pip install align[vllm], or use engine: hf")
+    return dict(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=stage.gpu_memory_utilization,
+                vllm_tensor_parallel_size=stage.tensor_parallel_size, vllm_max_model_length=stage.max_length)
+
+
+def check_batch(stage, name: str) -> None:
+    """The checks TRL makes in its config, as one line naming our keys."""
+    if stage.num_generations < 2:
+        raise AlignError(f"stages.{name}.num_generations: must be at least 2 (a completion is compared with the others "
+                         f"of its prompt); got {stage.num_generations}")
+    per_step = stage.batch_size * stage.grad_accum
+    if per_step % stage.num_generations:
+        raise AlignError(f"stages.{name}.batch_size: batch_size * grad_accum ({per_step}) completions per step must be "
+                         f"a multiple of num_generations ({stage.num_generations})")
+    if stage.response_length >= stage.max_length:
+        raise AlignError(f"stages.{name}.response_length: {stage.response_length} leaves no room for the prompt in "
+                         f"max_length={stage.max_length}")
+
+
+def load_reward_fn(spec: str, name: str):
+    """`module:function` -> the function; any problem is one line naming the key."""
+    key = f"stages.{name}.reward_fn"
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise AlignError(f"{key}: expected module:function, such as my_rewards:brevity; got {spec!r}")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # `align run` from a folder holding the module finds it, as `python -m` would
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        raise AlignError(f"{key}: cannot import module '{module_name}' ({e}); expected a module on the Python path "
+                         "or in the current folder") from None
+    except Exception as e:  # the module's own code failed
+        raise AlignError(f"{key}: importing '{module_name}' failed: {e.__class__.__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    if not hasattr(module, attr):
+        names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
+        close = difflib.get_close_matches(attr, names, n=1, cutoff=0.5)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise AlignError(f"{key}: module '{module_name}' has no function '{attr}'{hint}; expected "
+                         "function(prompts, completions) -> list[float]")
+    fn = getattr(module, attr)
+    if not callable(fn):
+        raise AlignError(f"{key}: '{spec}' is a {type(fn).__name__}, not a function; expected "
+                         "function(prompts, completions) -> list[float]")
+    return fn
+
+
+class CheckedReward:
+    """A reward function as TRL calls it: completion texts in, one float (or None) per completion out.
+
+    A NaN or infinite reward becomes None (TRL: not scored by this function) and is counted."""
+
+    def __init__(self, name: str, score):
+        self.__name__ = name  # TRL names the per-function metrics after it
+        self.score = score
+        self.scored = 0
+        self.non_finite = 0
+
+    def __call__(self, prompts, completions, log_metric=None, **_):
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        rewards = list(self.score(prompts, texts))
+        if len(rewards) != len(texts):
+            raise AlignError(f"reward function '{self.__name__}' returned {len(rewards)} rewards for {len(texts)} "
+                             "completions; expected one per completion")
+        out = [_finite_or_none(r, self.__name__) for r in rewards]
+        bad = out.count(None)
+        self.scored += len(out)
+        self.non_finite += bad
+        if log_metric is not None:
+            log_metric(f"rewards/{self.__name__}/non_finite", float(bad))
+        if bad:
+            log.warning("reward function '%s' gave %d NaN or infinite rewards out of %d; those completions are left "
+                        "out of its score (%d so far)", self.__name__, bad, len(out), self.non_finite)
+        return out
+
+
+def _finite_or_none(value, fn_name: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise AlignError(f"reward function '{fn_name}' returned {value!r}; expected a number per completion") from None
+    return value if math.isfinite(value) else None
+
+
+def mean_finite(values) -> float | None:
+    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return sum(finite) / len(finite) if finite else None
+
+
+def prompt_rows(stage, name: str, tokenizer) -> tuple[list[dict], list[dict], int]:
+    """Training and held-out `{"prompt": messages}` rows, with `too_long` applied to the training prompts."""
+    train, held = load_split(stage, "prompts", lambda row: {"prompt": as_turns(row["prompt"], "user")})
+    limit = stage.max_length - stage.response_length
+
+    def length(messages) -> int:
+        return len(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                                 return_dict=True)["input_ids"])
+
+    long_rows = [i for i, r in enumerate(train) if length(r["prompt"]) > limit]
+    if long_rows:
+        verb = "dropped" if stage.too_long == "drop" else "cut from the left"
+        log.warning("%s: %d of %d prompts are longer than max_length - response_length = %d tokens and were %s",
+                    name, len(long_rows), len(train), limit, verb)
+        if stage.too_long == "drop":
+            drop = set(long_rows)
+            train = [r for i, r in enumerate(train) if i not in drop]
+        else:
+            cut = {i: keep_end(train[i]["prompt"], tokenizer, limit, length) for i in long_rows}
+            train = [{"prompt": cut[i]} if i in cut else r for i, r in enumerate(train) if cut.get(i, True)]
+    if not train:
+        raise AlignError(f"{stage.data}: no training prompts left (every prompt is longer than max_length - "
+                         f"response_length = {limit} tokens, or all were held out); expected at least one")
+    return train, held, len(long_rows)
+
+
+def keep_end(messages: list[dict], tokenizer, limit: int, length) -> list[dict] | None:
+    """The end of `messages` in at most `limit` tokens: the last turns that fit whole, plus the tail of the turn
+    before them; None when not even the template's own tokens fit."""
+    k = next((k for k in range(1, len(messages)) if length(messages[k:]) <= limit), len(messages))
+    head, rest = messages[k - 1], messages[k:]  # rest fits whole (or is empty); keep what fits of head's end
+    ids = tokenizer(head["content"], add_special_tokens=False)["input_ids"]
+
+    def cut(drop: int) -> list[dict]:
+        return [{**head, "content": tokenizer.decode(ids[drop:])}] + rest
+
+    lo, hi = 0, len(ids)  # the fewest leading tokens of head to drop
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if length(cut(mid)) <= limit:
+            hi = mid
+        else:
+            lo = mid + 1
+    if lo < len(ids):
+        return cut(lo)
+    return rest if rest else None
