@@ -21,6 +21,7 @@ EPILOG = """examples:
   align run recipes/tiny-sft.yaml            run every stage of a recipe
   align run recipes/tiny-sft.yaml stages.sft.lr=1e-4 output_dir=/tmp/x
   align demo                                 the real-model demo on CPU
+  align rollouts --model tiny --prompts recipes/data/tiny_prompts.jsonl --n 4 --out r.jsonl
   align label serve --db labels.sqlite       the preference labeling app
 """
 
@@ -70,8 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default="runs/demo", help="where the run goes (default runs/demo)")
     demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, as for `align run`")
 
+    from align.rollouts.cli import add_parser as add_rollouts_parser
     from labeling_app.cli import add_parser as add_label_parser
 
+    add_rollouts_parser(sub)
     add_label_parser(sub)
     return p
 
@@ -92,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
             from align.demo import run_demo
 
             return run_demo(args.output_dir, args.overrides)
+        if args.command == "rollouts":
+            from align.rollouts.cli import run as run_rollouts
+
+            return run_rollouts(args)
         if args.command == "label":
             from labeling_app.cli import run as run_label
 

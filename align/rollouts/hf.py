@@ -79,8 +79,14 @@ class HFEngine:
         for i, ids in enumerate(prompt_ids):
             input_ids[i, width - len(ids):] = torch.tensor(ids)
             attention_mask[i, width - len(ids):] = 1
+        # Each prompt repeated n times in place (row i*n + j is completion j of prompt i), rather than
+        # num_return_sequences, which HF refuses for greedy decoding with n > 1.
+        input_ids = input_ids.repeat_interleave(n, dim=0)  # (B*n, T_prompt)
+        attention_mask = attention_mask.repeat_interleave(n, dim=0)
         greedy = sampling.temperature <= 0
-        kwargs = dict(do_sample=not greedy, max_new_tokens=sampling.max_new_tokens, num_return_sequences=n,
+        # repetition_penalty pinned to 1: a value in the model's generation_config would otherwise
+        # reshape the sampling distribution behind the caller's back.
+        kwargs = dict(do_sample=not greedy, max_new_tokens=sampling.max_new_tokens, repetition_penalty=1.0,
                       eos_token_id=eos, pad_token_id=pad, use_cache=True, return_dict_in_generate=True,
                       output_logits=return_logps)
         if not greedy:

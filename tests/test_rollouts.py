@@ -1,0 +1,325 @@
+"""Rollouts on CPU: the HF engine's batching, EOS, seeds and log-probs; `align rollouts` rows,
+rewards and pairs; every bad input as one line and exit code 2.
+
+The tiny model's tied random weights predict nearly the same token everywhere, so these
+tests use a "lively" copy with an untied random lm_head (varied argmaxes, so batching bugs
+show), and in memory an lm_head with a bias on EOS, so some rows stop early and others not.
+"""
+
+import copy
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from align.cli import main
+from align.errors import AlignError
+from align.models import load_model, load_tokenizer
+from align.rollouts import Sampling, make_engine
+from align.rollouts.cli import best_vs_worst
+
+# Tiny matrices: one thread beats two, whose synchronisation costs more than the math (and far
+# more on a loaded machine). Subprocesses get the same through OMP_NUM_THREADS.
+ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+PROMPTS = ["Hello there", "What is the capital of France? Tell me more about it, please.", "x",
+           [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Count to ten"}],
+           "a b c d e f g h i j k l m n o p"]
+
+
+@pytest.fixture(scope="session")
+def lively_model(tmp_path_factory) -> Path:
+    """The tiny Llama with an untied lm_head of std 1: logits spread wide, argmaxes vary."""
+    from align.tiny import build_tiny_model
+
+    root = tmp_path_factory.mktemp("lively")
+    base = build_tiny_model(root / "base")
+    model, tokenizer = load_model(str(base)), load_tokenizer(str(base))
+    torch.manual_seed(1)
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))
+    out = root / "model"
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def reward_model(tmp_path_factory) -> Path:
+    """A random-weight reward model on a tokenizer with another vocabulary than the policy's."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from align.tiny import build_tiny_model
+
+    root = tmp_path_factory.mktemp("rm")
+    base = build_tiny_model(root / "base", vocab=400, seed=3)
+    tokenizer = load_tokenizer(str(base))
+    config = AutoConfig.from_pretrained(base, num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(3)
+    model = AutoModelForSequenceClassification.from_config(config)
+    out = root / "model"
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def eos_biased(path: Path, bias: float, std: float = 0.3):
+    """The model with an lm_head of small random weights plus `bias` on the EOS logit."""
+    model, tokenizer = load_model(str(path)), load_tokenizer(str(path))
+    torch.manual_seed(2)
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    torch.nn.init.normal_(head.weight, std=std)
+    torch.nn.init.zeros_(head.bias)
+    head.bias.data[tokenizer.eos_token_id] = bias
+    model.lm_head = head
+    return model, tokenizer
+
+
+def ids(groups):
+    return [[c.token_ids for c in group] for group in groups]
+
+
+def test_batched_greedy_equals_one_at_a_time(lively_model):
+    model, tokenizer = eos_biased(lively_model, bias=4.0, std=1.0)
+    greedy = Sampling(max_new_tokens=12, temperature=0)
+    batched = make_engine("hf", model, tokenizer, batch_size=16).generate(PROMPTS, n=2, sampling=greedy)
+    single = make_engine("hf", model, tokenizer, batch_size=1)
+    one_by_one = [single.generate([p], n=1, sampling=greedy)[0][0] for p in PROMPTS]
+    assert [g[0].token_ids for g in batched] == [c.token_ids for c in one_by_one]
+    assert [g[0].finished for g in batched] == [c.finished for c in one_by_one]
+    assert all(g[0].token_ids == g[1].token_ids for g in batched)  # greedy with n > 1: n equal copies
+    assert len({tuple(g[0].token_ids) for g in batched}) > 1, "the prompts should lead to different completions"
+
+
+def test_rows_stop_at_eos_and_nothing_follows(lively_model):
+    model, tokenizer = eos_biased(lively_model, bias=8.0)
+    eos = tokenizer.eos_token_id
+    groups = make_engine("hf", model, tokenizer, batch_size=8).generate(
+        PROMPTS, n=4, sampling=Sampling(max_new_tokens=10, seed=0))
+    completions = [c for g in groups for c in g]
+    assert any(c.finished for c in completions) and not all(c.finished for c in completions)
+    for c in completions:
+        assert c.finished == (eos in c.token_ids)
+        if c.finished:
+            assert c.token_ids.index(eos) == len(c.token_ids) - 1  # EOS kept, nothing after it
+        else:
+            assert len(c.token_ids) == 10
+        assert "<|im_end|>" not in c.text and "<|pad|>" not in c.text
+
+    model, tokenizer = eos_biased(lively_model, bias=100.0)
+    [[stopped]] = make_engine("hf", model, tokenizer).generate(["hi"], sampling=Sampling(temperature=0))
+    assert stopped.token_ids == [eos] and stopped.finished and stopped.text == ""
+
+
+def test_same_seed_same_completions_other_seed_others(lively_model):
+    engine = make_engine("hf", load_model(str(lively_model)), load_tokenizer(str(lively_model)), batch_size=8)
+    run = lambda seed: ids(engine.generate(PROMPTS, n=3, sampling=Sampling(max_new_tokens=8, seed=seed)))
+    first = run(0)
+    assert run(0) == first
+    assert run(1) != first
+    assert len({tuple(x) for x in first[0]}) > 1, "n samples of one prompt should differ"
+
+
+def test_top_k_1_is_greedy(lively_model):
+    engine = make_engine("hf", load_model(str(lively_model)), load_tokenizer(str(lively_model)), batch_size=8)
+    greedy = engine.generate(PROMPTS, n=1, sampling=Sampling(max_new_tokens=8, temperature=0))
+    top1 = engine.generate(PROMPTS, n=2, sampling=Sampling(max_new_tokens=8, temperature=1.3, top_k=1, seed=5))
+    assert ids(top1) == [[g[0].token_ids] * 2 for g in greedy]
+
+
+def test_logps_match_a_plain_forward_pass(lively_model):
+    model, tokenizer = eos_biased(lively_model, bias=8.0)
+    engine = make_engine("hf", model, tokenizer, batch_size=6)  # batches mix prompt lengths: left padding
+    groups = engine.generate(PROMPTS, n=3, sampling=Sampling(max_new_tokens=10, temperature=0.7, top_p=0.9, seed=1),
+                             return_logps=True)
+    for c in (c for g in groups for c in g):
+        full = torch.tensor([c.prompt_ids + c.token_ids])
+        with torch.no_grad():
+            logps = torch.log_softmax(model(full).logits.float(), -1)[0]  # (T, V), raw: temperature 1
+        start = len(c.prompt_ids) - 1  # position t predicts token t + 1
+        expected = [logps[start + k, token].item() for k, token in enumerate(c.token_ids)]
+        assert len(c.logps) == len(c.token_ids)
+        assert max(abs(a - b) for a, b in zip(c.logps, expected)) < 1e-4
+
+
+def test_vllm_engine_without_gpu_or_vllm_is_one_clear_line(lively_model):
+    from align.rollouts.vllm import INSTALL_HINT
+
+    try:
+        import vllm  # noqa: F401
+        have_vllm = torch.cuda.is_available()
+    except Exception:
+        have_vllm = False
+    if have_vllm:
+        pytest.skip("vllm and a CUDA GPU are present; tests/test_rollouts_vllm.py covers the engine")
+    with pytest.raises(AlignError, match="engine vllm needs a CUDA GPU") as e:
+        make_engine("vllm", str(lively_model), load_tokenizer(str(lively_model)))
+    assert INSTALL_HINT in str(e.value) and "\n" not in str(e.value)
+
+
+def test_weight_sync_merges_lora_without_touching_the_training_model(lively_model):
+    from peft import LoraConfig, get_peft_model
+
+    from align.rollouts.vllm import full_weights
+
+    base = load_model(str(lively_model))
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"],
+                        init_lora_weights=False)  # random B: a non-zero update to fold in
+    policy = get_peft_model(base, config)
+    with torch.no_grad():
+        policy.base_model.model.lm_head.modules_to_save["default"].weight.add_(1.0)
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+
+    pushed = dict(full_weights(policy))
+
+    expected = dict(copy.deepcopy(policy).merge_and_unload().named_parameters())
+    assert set(pushed) == set(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(pushed[name], tensor.detach(), rtol=0, atol=1e-6)
+    # The update is really in there, and the training model is as it was: same values, still unmerged.
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(pushed[q], base.get_submodule("model.layers.0.self_attn.q_proj").base_layer.weight)
+    assert all(torch.equal(p, before[n]) for n, p in policy.named_parameters())
+    assert not any(getattr(m, "merged", False) for m in policy.modules())
+
+
+def test_best_vs_worst_pairs_respect_the_margin():
+    texts = [["a", "b", "c"], ["same", "same"], ["x", "y"], ["", "long", "short"], ["p", "q"]]
+    rewards = [[0.5, 2.0, -1.0], [1.0, 1.0], [0.3, 0.3], [9.0, 1.0, 0.0], [0.0, 0.4]]
+    pairs = best_vs_worst(["p0", "p1", "p2", "p3", "p4"], texts, rewards, min_margin=0.0)
+    # Equal rewards make no pair; the empty completion is left out although it scored highest.
+    assert pairs == [{"prompt": "p0", "chosen": "b", "rejected": "c", "margin": 3.0},
+                     {"prompt": "p3", "chosen": "long", "rejected": "short", "margin": 1.0},
+                     {"prompt": "p4", "chosen": "q", "rejected": "p", "margin": 0.4}]
+    assert [p["prompt"] for p in best_vs_worst(["p0", "p1", "p2", "p3", "p4"], texts, rewards, 1.0)] == ["p0", "p3"]
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def align_cmd(*args, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "align", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=ONE_THREAD_ENV, timeout=300)
+
+
+def test_cli_writes_rows_rewards_and_pairs_that_the_stages_and_labeling_read(tmp_path, lively_model, reward_model):
+    from align.data import load_rows
+    from reward.score import RewardScorer
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
+    out, pairs = tmp_path / "out" / "rollouts.jsonl", tmp_path / "pairs.jsonl"
+    result = align_cmd("rollouts", "--model", lively_model, "--prompts", prompts, "--n", 3, "--max-new-tokens", 8,
+                       "--reward-model", reward_model, "--out", out, "--pairs", pairs, "--seed", 7)
+    assert result.returncode == 0, result.stderr
+    assert "tokens/s" in result.stdout
+
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == PROMPTS
+    scorer = RewardScorer(reward_model)  # its tokenizer has 400 tokens, the policy's 512: it scores text
+    for row in rows:
+        assert set(row) == {"prompt", "completions", "rewards", "finished", "model", "engine", "sampling"}
+        assert len(row["completions"]) == len(row["rewards"]) == len(row["finished"]) == 3
+        assert row["model"] == str(lively_model) and row["engine"] == "hf"
+        assert row["sampling"] == {"max_new_tokens": 8, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "seed": 7}
+        rescored = scorer.score([row["prompt"]] * 3, row["completions"])
+        assert row["rewards"] == pytest.approx(rescored, abs=1e-4)
+
+    written = [json.loads(line) for line in pairs.read_text().splitlines()]
+    assert written, "random completions under a random reward model should give some gaps"
+    by_prompt = {json.dumps(r["prompt"]): r for r in rows}
+    for pair in written:
+        row = by_prompt[json.dumps(pair["prompt"])]
+        reward = dict(zip(row["completions"], row["rewards"]))
+        assert reward[pair["chosen"]] == max(row["rewards"]) and reward[pair["rejected"]] == min(row["rewards"])
+        assert pair["margin"] == pytest.approx(max(row["rewards"]) - min(row["rewards"])) and pair["margin"] > 0
+    assert len(load_rows(str(pairs), "preference")) == len(written)  # what the reward and DPO stages load
+
+    db = tmp_path / "labels.sqlite"
+    imported = align_cmd("label", "import", out, "--db", db)
+    assert imported.returncode == 0, imported.stderr
+    with sqlite3.connect(db) as con:
+        tables = [t for (t,) in con.execute("select name from sqlite_master where type='table'")]
+        assert "pairs" in tables
+        assert con.execute("select count(*) from pairs").fetchone()[0] > 0
+
+
+def test_cli_is_deterministic_and_writes_nothing_on_failure(tmp_path, lively_model):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": p} for p in PROMPTS[:3]])
+    outs = [tmp_path / f"r{i}.jsonl" for i in range(2)]
+    for out in outs:
+        assert main(["-q", "rollouts", "--model", str(lively_model), "--prompts", str(prompts), "--n", "2",
+                     "--max-new-tokens", "6", "--out", str(out)]) == 0
+    assert outs[0].read_text() == outs[1].read_text()
+    assert "rewards" not in json.loads(outs[0].read_text().splitlines()[0])
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "fine"}, {"prompt": "word " * 3000}])
+    failed = tmp_path / "failed.jsonl"
+    assert main(["-q", "rollouts", "--model", str(lively_model), "--prompts", str(bad), "--out", str(failed)]) == 2
+    assert not failed.exists() and not list(tmp_path.glob(".failed.jsonl.*"))
+
+
+BAD_INPUTS = {
+    "empty prompt file": ([], [], "empty.jsonl: dataset is empty"),
+    "missing prompt file": (None, [], "missing.jsonl: no such file"),
+    "malformed json": ("{\"prompt\": \"ok\"}\n{not json\n", [], "malformed.jsonl, line 2: invalid JSON"),
+    "row without prompt": ([{"prompt": "ok"}, {"question": "?"}], [], "row_without_prompt.jsonl, line 2: "
+                                                                      "missing field 'prompt'"),
+    "prompt longer than the context": ([{"prompt": "ok"}, {"prompt": "word " * 3000}], [],
+                                       "prompt_longer_than_the_context.jsonl, line 2: field 'prompt' is"),
+    "n zero": ([{"prompt": "ok"}], ["--n", "0"], "--n must be at least 1; got 0"),
+    "pairs without reward model": ([{"prompt": "ok"}], ["--pairs", "PAIRS"], "--pairs needs --reward-model"),
+    "missing reward model": ([{"prompt": "ok"}], ["--reward-model", "no/such/rm"], "no/such/rm: no reward model"),
+    "missing model": ([{"prompt": "ok"}], ["--model", "./no-such-model"], "./no-such-model: no such model folder"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_and_exit_2(case, tmp_path, lively_model, capsys):
+    content, extra, expected = BAD_INPUTS[case]
+    name = case.replace(" ", "_") + ".jsonl" if content is not None else "missing.jsonl"
+    name = {"empty prompt file": "empty.jsonl", "malformed json": "malformed.jsonl"}.get(case, name)
+    prompts = tmp_path / name
+    if isinstance(content, list):
+        write_jsonl(prompts, content)
+    elif isinstance(content, str):
+        prompts.write_text(content)
+    extra = [str(tmp_path / "pairs.jsonl") if a == "PAIRS" else a for a in extra]
+    model = [] if "--model" in extra else ["--model", str(lively_model)]
+    out = tmp_path / "out.jsonl"
+    code = main(["-q", "rollouts", *model, "--prompts", str(prompts), "--out", str(out), "--max-new-tokens", "4",
+                 *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    errors = [line for line in err if line.startswith("align: error:")]
+    assert len(errors) == 1 and expected in errors[0], err
+    assert not out.exists()
+
+
+def test_bad_input_exits_2_from_the_real_command(tmp_path, lively_model):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "ok"}])
+    result = align_cmd("rollouts", "--model", lively_model, "--prompts", prompts, "--n", 0, "--out", tmp_path / "o")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "align: error: --n must be at least 1; got 0"
+    result = align_cmd("rollouts", "--model", lively_model, "--prompts", prompts, "--out", tmp_path / "o.jsonl",
+                       "--engine", "vllm")
+    if result.returncode == 0:
+        pytest.skip("vllm runs here")
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("align: error: engine vllm needs a CUDA GPU and `pip install 'align[vllm]'`")
