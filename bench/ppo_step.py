@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import pstats
+import shutil
 import statistics
 import subprocess
 import sys
@@ -109,8 +110,9 @@ def child_ours(settings_path: str, result_path: str) -> None:
     Path(result_path).write_text(json.dumps(result, indent=1))
 
 
-def run_child(name: str, cmd: list[str], settings: dict, work: Path, profile: bool) -> dict:
+def run_child(name: str, cmd: list[str], settings: dict, work: Path, profile: bool, threads: int) -> dict:
     out = work / f"out-{name}"
+    shutil.rmtree(out, ignore_errors=True)  # a stale log.jsonl would be appended to
     settings = {**settings, "out": str(out)}
     settings_path, result_path = work / f"settings-{name}.json", work / f"result-{name}.json"
     settings_path.write_text(json.dumps(settings))
@@ -118,7 +120,7 @@ def run_child(name: str, cmd: list[str], settings: dict, work: Path, profile: bo
     py, script = cmd[0], cmd[1:]
     full = [py, *(["-m", "cProfile", "-o", str(prof)] if profile else []), *script, str(settings_path), str(result_path)]
     env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(REPO), "TRL_EXPERIMENTAL_SILENCE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
+           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     print(f"running {name} ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run(full, capture_output=True, text=True, env=env, cwd=REPO)
@@ -155,6 +157,11 @@ def main() -> None:
     p.add_argument("--updates", type=int, default=6, help="PPO updates per side; the first is a warm-up")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=2, help="alternating runs of each side (load on a shared "
+                   "machine comes in bursts)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per side (OMP_NUM_THREADS). 1 by default: on a shared CPU, 2 OpenMP threads "
+                        "on 2 busy cores made one forward+backward 40x slower and the timings meaningless")
     p.add_argument("--profile", action="store_true", help="cProfile both children and print the top functions")
     p.add_argument("--only", choices=("trl", "ours"), help="run one side only")
     p.add_argument("--work", help="folder for models and outputs (default: a new temp folder)")
@@ -180,40 +187,54 @@ def main() -> None:
                     temperature=1.0, kl_coef=0.05, kl_estimator="k1", vf_coef=0.1, clip_eps=0.2,
                     missing_eos_penalty=1.0, max_grad_norm=1.0)
     print(f"work folder: {work}", file=sys.stderr)
-    results = {}
-    if args.only != "ours":
-        results["trl 1.12.0"] = run_child("trl", [str(VENV_PY), str(REPO / "bench" / "trl112" / "run_ppo.py")],
-                                         settings, work, args.profile)
-    if args.only != "trl":
-        results["align"] = run_child("ours", [sys.executable, str(Path(__file__).resolve()), "--child"],
-                                     settings, work, args.profile)
+    sides = {"trl 1.12.0": ("trl", [str(VENV_PY), str(REPO / "bench" / "trl112" / "run_ppo.py")]),
+             "align": ("ours", [sys.executable, str(Path(__file__).resolve()), "--child"])}
+    sides = {k: v for k, v in sides.items() if args.only in (None, v[0])}
+    # Rounds alternate the sides, so a burst of load from other work on the machine hits both.
+    runs: dict[str, list[dict]] = {k: [] for k in sides}
+    for i in range(args.rounds):
+        for label, (name, cmd) in sides.items():
+            runs[label].append(run_child(f"{name}-{i}" if args.rounds > 1 else name, cmd, settings, work,
+                                         args.profile and i == 0, args.threads))
 
     print(f"\nPPO update: policy {args.layers}x{args.hidden} (random weights), rollout batch {args.rollout_batch_size}, "
           f"mini-batch {args.mini_batch_size}, {args.ppo_epochs} PPO epochs, response_length {args.response_length}, "
-          f"{args.updates} updates (first dropped), CPU, {os.cpu_count()} cores")
-    print(f"{'':12} {'s/update (median)':>18} {'min':>7} {'max':>7} {'peak RSS MB':>12} {'torch threads':>14}")
-    for name, r in results.items():
-        t = summarize(r)
-        print(f"{name:12} {t['median']:18.3f} {t['min']:7.3f} {t['max']:7.3f} {r['peak_rss_mb']:12.0f} "
-              f"{r.get('torch_threads', '?'):>14}")
-    if "align" in results:
-        r = results["align"]
-        gen = statistics.median(r["gen_seconds"][1:] or r["gen_seconds"])
-        train = statistics.median(r["train_seconds"][1:] or r["train_seconds"])
-        lengths = r["response_length"]
-        print(f"align split: generation {gen:.3f} s, PPO epochs {train:.3f} s, scoring/ref/value passes the rest; "
-              f"mean response length {statistics.fmean(lengths):.1f} tokens")
-    if len(results) == 2:
-        t_trl, t_ours = (summarize(results[k])["median"] for k in ("trl 1.12.0", "align"))
-        m_trl, m_ours = (results[k]["peak_rss_mb"] for k in ("trl 1.12.0", "align"))
-        speed, mem = t_trl / t_ours, m_ours / m_trl
-        print(f"speed (trl/align time): {speed:.2f}x   memory (align/trl peak RSS): {mem:.2f}x   "
+          f"{args.updates} updates per run (first dropped), {args.rounds} round(s), CPU ({os.cpu_count()} cores), "
+          f"{args.threads} torch thread(s) per side")
+    print(f"{'':12} {'s/update median':>16} {'min':>7} {'max':>7} {'per-round medians':>24} {'peak RSS MB':>12}")
+    table = {}
+    for label, rs in runs.items():
+        steps = [t for r in rs for t in (r["step_seconds"][1:] or r["step_seconds"])]
+        per_round = [summarize(r)["median"] for r in rs]
+        rss = max(r["peak_rss_mb"] for r in rs)
+        table[label] = dict(median=statistics.median(steps), min=min(steps), max=max(steps), rounds=per_round,
+                            peak_rss_mb=rss)
+        print(f"{label:12} {table[label]['median']:16.3f} {min(steps):7.3f} {max(steps):7.3f} "
+              f"{' '.join(f'{x:.2f}' for x in per_round):>24} {rss:12.0f}")
+    if "trl 1.12.0" in runs:
+        rs = runs["trl 1.12.0"]
+        gen = statistics.median(x for r in rs for x in r["gen_seconds"][1:])
+        gc_s = statistics.median(x for r in rs for x in r["gc_seconds"][1:])
+        print(f"  trl split:   generation {gen:.3f} s, gc.collect {gc_s:.3f} s, the rest is reference/value/reward "
+              f"passes and the PPO epochs")
+    if "align" in runs:
+        rs = runs["align"]
+        gen = statistics.median(x for r in rs for x in r["gen_seconds"][1:])
+        train = statistics.median(x for r in rs for x in r["train_seconds"][1:])
+        lengths = [x for r in rs for x in r["response_length"]]
+        print(f"  align split: generation {gen:.3f} s, PPO epochs {train:.3f} s, the rest is scoring and "
+              f"reference/value passes; mean response length {statistics.fmean(lengths):.1f} tokens")
+    if len(runs) == 2:
+        t_trl, t_ours = table["trl 1.12.0"]["median"], table["align"]["median"]
+        speed, mem = t_trl / t_ours, table["align"]["peak_rss_mb"] / table["trl 1.12.0"]["peak_rss_mb"]
+        per_round = [a / b for a, b in zip(table["trl 1.12.0"]["rounds"], table["align"]["rounds"])]
+        print(f"speed (trl/align time): {speed:.2f}x (per round: {' '.join(f'{x:.2f}' for x in per_round)})   "
+              f"memory (align/trl peak RSS): {mem:.2f}x   "
               f"target >= 1.5x and <= 1.00x: {'met' if speed >= 1.5 and mem <= 1.0 else 'NOT met'}")
     if args.profile:
-        for name, r in results.items():
-            print_profile(name, r["profile"])
-    print(json.dumps({k: {**summarize(v), "peak_rss_mb": v["peak_rss_mb"], "step_seconds": v["step_seconds"]}
-                      for k, v in results.items()}))
+        for label, rs in runs.items():
+            print_profile(label, rs[0]["profile"])
+    print(json.dumps({k: {**v, "step_seconds": [r["step_seconds"] for r in runs[k]]} for k, v in table.items()}))
 
 
 if __name__ == "__main__":

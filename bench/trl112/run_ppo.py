@@ -76,12 +76,43 @@ def main(settings_path: str, result_path: str) -> None:
 
     clock = UpdateClock()
     trainer.add_callback(clock)
+    # Time spent in generation and in TRL's two gc.collect() calls per update (both looked up at call time,
+    # so wrapping them changes nothing else), summed over the same intervals as step_seconds.
+    import gc
+
+    from trl.experimental.ppo import ppo_trainer as ppo_module
+
+    spent = {"gen": 0.0, "gc": 0.0}
+    per_update = {"gen": [], "gc": []}
+
+    def timed(key, fn):
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[key] += time.perf_counter() - t
+        return wrapper
+
+    ppo_module.batch_generation = timed("gen", ppo_module.batch_generation)
+    ppo_module.gc = type("gc", (), {"collect": staticmethod(timed("gc", gc.collect))})
+    original_on_step_end = clock.on_step_end
+
+    def on_step_end(*a, **k):
+        original_on_step_end(*a, **k)
+        per_update["gen"].append(spent["gen"])
+        per_update["gc"].append(spent["gc"])
+        spent["gen"] = spent["gc"] = 0.0
+
+    clock.on_step_end = on_step_end
     trainer.train()
     step_seconds = [b - a for a, b in zip(clock.marks, clock.marks[1:])]
     rows = [r for r in clock.logs if "objective/scores" in r]
     result = {
         "step_seconds": step_seconds,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "gen_seconds": per_update["gen"],
+        "gc_seconds": per_update["gc"],
         "scores": [r["objective/scores"] for r in rows],
         "kl": [r["objective/kl"] for r in rows],
         "num_eos_tokens": [r["val/num_eos_tokens"] for r in rows],
