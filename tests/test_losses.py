@@ -138,3 +138,14 @@ def test_bradley_terry_by_hand():
     assert bradley_terry_loss(T([2.0, 0.0]), T([0.0, 0.0])).item() == pytest.approx(0.410038, abs=1e-6)
     assert bradley_terry_loss(T([2.0, 0.0]), T([0.0, 0.0]), T([1.0, 0.0])).item() == pytest.approx(
         (0.313262 + 0.693147) / 2, abs=1e-6)
+
+
+def test_adaptive_kl_coef_by_hand():
+    """β = .1, target 6, 64 samples, horizon 10000: KL 6.6 -> e = .1 -> β·(1 + .1·.0064) = .100064;
+    KL 9 -> e = .5 clipped to .2 -> .100128; KL 3 -> e = -.5 clipped to -.2 -> .099872; KL 6 -> unchanged."""
+    from align.losses import adaptive_kl_coef
+
+    assert adaptive_kl_coef(0.1, 6.6, 6.0, 64, 10000) == pytest.approx(0.100064)
+    assert adaptive_kl_coef(0.1, 9.0, 6.0, 64, 10000) == pytest.approx(0.100128)
+    assert adaptive_kl_coef(0.1, 3.0, 6.0, 64, 10000) == pytest.approx(0.099872)
+    assert adaptive_kl_coef(0.1, 6.0, 6.0, 64, 10000) == 0.1
