@@ -71,6 +71,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default="runs/demo", help="where the run goes (default runs/demo)")
     demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, as for `align run`")
 
+    ev = sub.add_parser(
+        "eval", help="compare a policy with a baseline: reward, win rate, KL, lengths",
+        description="Both models answer each prompt greedily; the reward model scores both answers. Prints mean "
+                    "rewards, the policy's win rate (ties count half), KL(policy || baseline) from answers sampled "
+                    "from the policy, and answer lengths.",
+        epilog="example: align eval --policy runs/tiny-sft-rm-ppo/ppo/model --baseline runs/tiny-sft-rm-ppo/sft/model "
+               "--reward-model runs/tiny-sft-rm-ppo/reward/model --prompts recipes/data/tiny_prompts.jsonl")
+    ev.add_argument("--policy", required=True, help="the model to judge: a folder (full or adapter), tiny, smollm2, .gguf")
+    ev.add_argument("--baseline", required=True, help="the model to compare with (e.g. the SFT stage's model/)")
+    ev.add_argument("--reward-model", required=True, help="a reward stage's model/ folder")
+    ev.add_argument("--prompts", required=True, help="prompts file ({\"prompt\": ...} rows); distinct prompts are used")
+    ev.add_argument("--max-prompts", type=int, default=64, help="at most this many prompts (default 64)")
+    ev.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit (default 64)")
+    ev.add_argument("--seed", type=int, default=0, help="sampling seed for the KL estimate (default 0)")
+    ev.add_argument("--out", help="write the numbers as JSON here")
+    ev.add_argument("--samples", help="write every prompt, both answers and their rewards as JSONL here")
+
     from align.rollouts.cli import add_parser as add_rollouts_parser
     from labeling_app.cli import add_parser as add_label_parser
 
@@ -95,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
             from align.demo import run_demo
 
             return run_demo(args.output_dir, args.overrides)
+        if args.command == "eval":
+            from align.evaluate import run_eval
+
+            return run_eval(args)
         if args.command == "rollouts":
             from align.rollouts.cli import run as run_rollouts
 

@@ -160,3 +160,24 @@ def test_bad_prompt_sets_end_with_one_line(pipeline, tmp_path, python):
                        env={**os.environ, "PYTHONPATH": str(REPO / "tests")})
     assert r.returncode == 2
     assert "stages.ppo.reward_fn: module 'ppo_reward_fns' has no function 'not_a_function'" in r.stderr
+
+
+def test_align_eval_judges_the_ppo_policy_against_sft(pipeline, tmp_path, python):
+    out, _ = pipeline
+    prompts = str(REPO / "recipes" / "data" / "tiny_prompts.jsonl")
+
+    def align_eval(policy, name):
+        r = subprocess.run([python, "-m", "align", "eval", "--policy", str(out / policy / "model"), "--baseline",
+                            str(out / "sft" / "model"), "--reward-model", str(out / "reward" / "model"),
+                            "--prompts", prompts, "--max-prompts", "24", "--out", str(tmp_path / name)],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "win rate" in r.stdout
+        return json.loads((tmp_path / name).read_text())
+
+    ppo = align_eval("ppo", "ppo.json")
+    assert ppo["prompts"] == 24
+    assert ppo["win_rate"] >= 0.8 and ppo["reward_policy"] > ppo["reward_baseline"] + 1.0
+    assert ppo["kl"] > 0.1 and ppo["words_policy"] < ppo["words_baseline"]
+    same = align_eval("sft", "same.json")  # a model against itself: all ties, no divergence
+    assert same["win_rate"] == 0.5 and same["kl"] == pytest.approx(0.0, abs=1e-4)

@@ -263,6 +263,21 @@ class Checkpoints:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def vllm_model_folder(model_path: str, out_dir: Path) -> str:
+    """vLLM loads full model folders only: an adapter folder is merged onto its base once, into the stage folder."""
+    from align.models import adapter_base
+
+    if not adapter_base(model_path):
+        return model_path
+    folder = out_dir / "rollout_model"
+    if not (folder / "config.json").exists():
+        from align.artifacts import save_folder_atomically
+
+        merged, tokenizer = load_model(model_path), load_tokenizer(model_path)
+        save_folder_atomically(folder, lambda tmp: (merged.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+    return str(folder)
+
+
 def trainable_state(model) -> dict:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -311,7 +326,7 @@ def run(stage: PPOStage, name: str, out_dir: Path, model_path: str, reward_path:
                               num_training_steps=total_steps * updates_per_step)
 
     if stage.engine == "vllm":
-        engine = make_engine("vllm", model_path, tokenizer, gpu_memory_utilization=stage.gpu_memory_utilization,
+        engine = make_engine("vllm", vllm_model_folder(model_path, out_dir), tokenizer, gpu_memory_utilization=stage.gpu_memory_utilization,
                              tensor_parallel_size=stage.tensor_parallel_size, sync_timeout=stage.sync_timeout,
                              max_model_len=stage.max_length, seed=stage.seed)
     else:

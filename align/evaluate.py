@@ -1,0 +1,109 @@
+"""`align eval`: a policy against a baseline on the same prompts, judged by a reward model.
+
+Both models answer every prompt greedily; the reward model scores both answers (text, so
+its tokenizer may differ from the policies'). Reported: mean reward of each, the policy's
+win rate (ties count half), mean answer lengths in words and tokens, and KL(policy ||
+baseline), estimated from completions sampled from the policy at temperature 1 as the mean
+over sequences of Σ_t (log π - log π_base) (the k1 estimator, summed per sequence). KL
+needs both models to share a tokenizer; when they do not, it is reported as null.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+from pathlib import Path
+
+import torch
+
+from align.artifacts import write_json, write_text
+from align.data import load_rows
+from align.errors import AlignError
+from align.generate import greedy_completions
+from align.models import load_model, load_tokenizer, resolve_model
+from align.rollouts import Sampling, make_engine
+from align.stages.dpo import unique_prompts
+
+log = logging.getLogger("align")
+
+
+@torch.no_grad()
+def sequence_kl(policy, baseline, tokenizer, prompts: list, max_new_tokens: int, seed: int) -> float:
+    """Mean over prompts of Σ_t log π(y_t) - log π_base(y_t), y sampled from π."""
+    from align.stages.ppo import completion_logits, pack, token_logps
+
+    groups = make_engine("hf", policy, tokenizer).generate(
+        prompts, n=1, sampling=Sampling(max_new_tokens=max_new_tokens, seed=seed), return_logps=True)
+    completions = [g[0] for g in groups]
+    batch = pack(completions, tokenizer.pad_token_id, policy.device)
+    mask = batch["completion_mask"]
+    base_logps = token_logps(completion_logits(baseline.eval(), batch["input_ids"], batch["attention_mask"],
+                                               batch["position_ids"], batch["T"], 1.0), batch["tokens"])
+    policy_logps = torch.zeros_like(mask)
+    for i, c in enumerate(completions):
+        policy_logps[i, :len(c.logps)] = torch.tensor(c.logps)
+    return ((policy_logps - base_logps) * mask).sum(1).mean().item()
+
+
+def evaluate(policy_spec: str, baseline_spec: str, reward_spec: str, prompts_path: str, max_prompts: int = 64,
+             max_new_tokens: int = 64, seed: int = 0) -> tuple[dict, list[dict]]:
+    from reward.score import RewardScorer
+
+    prompts = unique_prompts(load_rows(prompts_path, "prompts").rows, max_prompts)
+    paths = {"policy": resolve_model(policy_spec), "baseline": resolve_model(baseline_spec)}
+    reward_path = resolve_model(reward_spec)
+    if not (Path(reward_path) / "config.json").exists():
+        raise AlignError(f"{reward_spec}: expected a reward model folder (the `model/` of a reward stage)")
+    texts, models, tokenizers = {}, {}, {}
+    for name, path in paths.items():
+        tokenizers[name] = load_tokenizer(path)
+        models[name] = load_model(path)
+        log.info("%s (%s): greedy answers to %d prompts", name, path, len(prompts))
+        texts[name] = greedy_completions(models[name], tokenizers[name], prompts, max_new_tokens=max_new_tokens)
+    scorer = RewardScorer(reward_path)
+    rewards = {name: scorer.score(prompts, texts[name]) for name in paths}
+    wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(rewards["policy"], rewards["baseline"])]
+    same_vocab = tokenizers["policy"].get_vocab() == tokenizers["baseline"].get_vocab()
+    kl = None
+    if same_vocab:
+        kl = sequence_kl(models["policy"], models["baseline"], tokenizers["policy"], prompts, max_new_tokens, seed)
+    else:
+        log.warning("policy and baseline tokenizers differ: KL is not reported")
+
+    def tokens(name):
+        return statistics.fmean(len(tokenizers[name](t, add_special_tokens=False)["input_ids"]) for t in texts[name])
+
+    report = {
+        "prompts": len(prompts),
+        "reward_policy": statistics.fmean(rewards["policy"]),
+        "reward_baseline": statistics.fmean(rewards["baseline"]),
+        "win_rate": statistics.fmean(wins),
+        "kl": kl,
+        "words_policy": statistics.fmean(len(t.split()) for t in texts["policy"]),
+        "words_baseline": statistics.fmean(len(t.split()) for t in texts["baseline"]),
+        "tokens_policy": tokens("policy"),
+        "tokens_baseline": tokens("baseline"),
+        "policy": policy_spec, "baseline": baseline_spec, "reward_model": reward_spec,
+    }
+    samples = [{"prompt": p, "policy": a, "baseline": b, "reward_policy": ra, "reward_baseline": rb}
+               for p, a, b, ra, rb in zip(prompts, texts["policy"], texts["baseline"], rewards["policy"],
+                                          rewards["baseline"])]
+    return report, samples
+
+
+def run_eval(args) -> int:
+    report, samples = evaluate(args.policy, args.baseline, args.reward_model, args.prompts, args.max_prompts,
+                               args.max_new_tokens, args.seed)
+    if args.out:
+        write_json(args.out, report)
+    if args.samples:
+        write_text(args.samples, "".join(json.dumps(s) + "\n" for s in samples))
+    kl = "n/a (tokenizers differ)" if report["kl"] is None else f"{report['kl']:.3f}"
+    print(f"prompts            {report['prompts']}\n"
+          f"mean reward        policy {report['reward_policy']:.3f}   baseline {report['reward_baseline']:.3f}\n"
+          f"win rate           {report['win_rate']:.3f}  (policy over baseline, ties count half)\n"
+          f"KL(policy||base)   {kl}  (nats per answer)\n"
+          f"answer length      policy {report['words_policy']:.1f} words / {report['tokens_policy']:.1f} tokens   "
+          f"baseline {report['words_baseline']:.1f} / {report['tokens_baseline']:.1f}")
+    return 0
