@@ -104,7 +104,9 @@ def _run(stage, name: str, out_dir: Path, model_path: str, reward_path: str | No
 
     step_log = StepLog(out_dir / "log.jsonl")
     config = config_cls(
-        **trainer_args(stage, out_dir, has_eval=False),  # held-out prompts are scored below, greedily
+        **{**trainer_args(stage, out_dir, has_eval=False),  # held-out prompts are scored below, greedily
+           # TRL counts prompt + completion tokens itself; transformers' own count finds no input_ids and warns per step
+           "include_num_input_tokens_seen": "no"},
         num_generations=stage.num_generations,
         max_completion_length=stage.response_length,
         temperature=stage.temperature,

@@ -1,0 +1,212 @@
+"""GRPO and RLOO on the tiny model: learning from the reward model and from a Python reward_fn,
+NaN rewards, reward_fn and engine errors, over-long prompts."""
+
+import json
+import logging
+import math
+import os
+import subprocess
+
+import pytest
+import torch
+
+from align.config import load_recipe
+from align.errors import AlignError
+from align.runner import run_recipe
+from conftest import REPO, tiny_pref_stage, tiny_sft_stage, write_recipe
+
+CHATTY_SFT = REPO / "recipes" / "data" / "tiny_chatty_sft.jsonl"
+PROMPTS = REPO / "recipes" / "data" / "tiny_prompts.jsonl"
+FILLER = "I hope this helps"
+
+
+# Reward functions the recipes below name as `test_grpo:<function>` (pytest puts tests/ on sys.path).
+def no_filler(prompts, completions):
+    return [0.0 if FILLER in c else 1.0 for c in completions]
+
+
+def brevity(prompts, completions):
+    """Shorter is better: minus a tenth of the word count."""
+    return [-len(c.split()) / 10 for c in completions]
+
+
+def no_filler_or_nan(prompts, completions):
+    """no_filler, except NaN for every other completion and +inf for every seventh."""
+    return [math.inf if i % 7 == 3 else math.nan if i % 2 else r
+            for i, r in enumerate(no_filler(prompts, completions))]
+
+
+NOT_A_FUNCTION = 3
+
+
+def online_stage(model, **overrides) -> dict:
+    """Settings that move the tiny chatty policy within ~15 steps on 2 cores."""
+    stage = dict(model=model, data=str(PROMPTS), eval_fraction=0.1, max_length=64, response_length=16,
+                 num_generations=8, batch_size=32, lr=5e-4, lr_scheduler="constant", max_steps=15, beta=0.1,
+                 logging_steps=5, save_steps=50, eval_prompts=16, max_new_tokens=16)
+    stage.update(overrides)
+    return stage
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, tiny_model):
+    """A chatty SFT policy (adds the filler by habit) and a reward model that dislikes the filler, trained once."""
+    out = tmp_path_factory.mktemp("grpo-base")
+    stages = {"sft": tiny_sft_stage(tiny_model, data=str(CHATTY_SFT)),
+              "reward": tiny_pref_stage("${sft}", max_steps=12)}
+    recipe = write_recipe(out / "recipe.yaml", out / "run", stages)
+    run_recipe(load_recipe(recipe))
+    return out / "run", stages
+
+
+def samples(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_grpo_raises_the_reward_models_score(base, tmp_path):
+    run, stages = base
+    recipe = write_recipe(tmp_path / "grpo.yaml", run, {**stages, "grpo": online_stage("${sft}")})
+    metrics = run_recipe(load_recipe(recipe))["grpo"]
+    assert metrics["eval_reward_after"] > metrics["eval_reward_before"] + 1.0
+    assert metrics["eval_win_rate"] >= 0.7
+    assert metrics["train_reward_last"] > metrics["train_reward_first"]
+    rows = samples(run / "grpo" / "samples.jsonl")
+    with_filler = lambda key: sum(FILLER in s[key] for s in rows)  # noqa: E731
+    assert with_filler("after") < with_filler("before") / 2
+    steps = [json.loads(line) for line in (run / "grpo" / "log.jsonl").read_text().splitlines()]
+    trained = [s for s in steps if "loss" in s]
+    assert trained and all(s["tokens_per_s"] > 0 and s["peak_rss_mb"] > 0 for s in trained)
+    assert all("rewards/reward_model/mean" in s and "kl" in s for s in trained)
+    assert (run / "grpo" / "model" / "config.json").exists()
+
+
+def test_rloo_learns_from_a_reward_fn(base, tmp_path):
+    run, _ = base
+    stage = online_stage(str(run / "sft" / "model"), type="rloo", reward_fn="test_grpo:brevity", beta=0.05)
+    recipe = write_recipe(tmp_path / "rloo.yaml", tmp_path / "run", {"rloo": stage})
+    metrics = run_recipe(load_recipe(recipe))["rloo"]
+    # brevity is minus a tenth of the word count: the held-out greedy answers lose 3+ words on average
+    assert metrics["eval_reward_fn_after"] > metrics["eval_reward_fn_before"] + 0.3
+    assert metrics["train_reward_last"] > metrics["train_reward_first"]
+    assert "eval_reward_before" not in metrics  # no reward stage, so no reward-model scores
+
+
+def test_nan_rewards_are_counted_and_left_out(base, tmp_path, caplog):
+    """Half the rewards NaN, some infinite: training stays finite, every one is counted and the run says so."""
+    run, _ = base
+    caplog.set_level(logging.WARNING, logger="align")
+    stage = online_stage(str(run / "sft" / "model"), reward_fn="test_grpo:no_filler_or_nan", max_steps=4,
+                         eval_fraction=0.0)
+    recipe = write_recipe(tmp_path / "nan.yaml", tmp_path / "run", {"grpo": stage})
+    metrics = run_recipe(load_recipe(recipe))["grpo"]
+    scored = metrics["reward_scored"]
+    assert scored == 4 * 32  # one call per step, on its 4 prompts x 8 completions
+    expected = sum(1 for i in range(32) if i % 7 == 3 or i % 2) * 4
+    assert metrics["reward_non_finite"] == expected
+    assert "NaN or infinite" in caplog.text
+    steps = [json.loads(line) for line in (tmp_path / "run" / "grpo" / "log.jsonl").read_text().splitlines()]
+    trained = [s for s in steps if "loss" in s]
+    assert all(s["rewards/no_filler_or_nan/non_finite"] > 0 for s in trained)
+    assert all(math.isfinite(s["loss"]) and math.isfinite(s["reward"]) for s in trained)
+    from safetensors.torch import load_file
+
+    weights = load_file(tmp_path / "run" / "grpo" / "model" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_lora_grpo_saves_one_adapter_and_uses_the_base_as_reference(base, tmp_path):
+    run, _ = base
+    stage = online_stage(str(run / "sft" / "model"), reward_fn="test_grpo:no_filler", max_steps=2, batch_size=16,
+                         lora={"r": 8, "alpha": 16}, eval_fraction=0.0)
+    recipe = write_recipe(tmp_path / "lora.yaml", tmp_path / "run", {"grpo": stage})
+    run_recipe(load_recipe(recipe))
+    model_dir = tmp_path / "run" / "grpo" / "model"
+    assert (model_dir / "adapter_config.json").exists()
+    assert not (model_dir / "ref").exists()  # TRL's copy of the fresh adapter is not saved with it
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("no_such_module_xyz:score", "cannot import module 'no_such_module_xyz'"),
+    ("test_grpo:NOT_A_FUNCTION", "is a int, not a function"),
+])
+def test_reward_fn_errors_exit_2_with_one_line(python, tiny_model, tmp_path, spec, expected):
+    stage = online_stage(str(tiny_model), reward_fn=spec)
+    recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "run", {"grpo": stage})
+    r = subprocess.run([python, "-m", "align", "run", str(recipe)], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(REPO / "tests")})
+    assert r.returncode == 2, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("align: error: stages.grpo.reward_fn: ") and expected in last
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("test_grpo", "expected module:function"),
+    ("test_grpo:no_filer", "has no function 'no_filer' (did you mean 'no_filler'?)"),
+])
+def test_reward_fn_spec_errors_name_the_key(spec, expected):
+    from align.stages.grpo import load_reward_fn
+
+    with pytest.raises(AlignError, match="stages.grpo.reward_fn") as e:
+        load_reward_fn(spec, "grpo")
+    assert expected in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_vllm_engine_on_cpu_exits_2_with_one_line(python, tiny_model, tmp_path):
+    stage = online_stage(str(tiny_model), reward_fn="test_grpo:no_filler", engine="vllm")
+    recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "run", {"grpo": stage})
+    r = subprocess.run([python, "-m", "align", "run", str(recipe)], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(REPO / "tests")})
+    assert r.returncode == 2, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("align: error: stages.grpo.engine: ") and "CUDA GPU" in last
+    assert "Traceback" not in r.stderr
+
+
+def test_unknown_grpo_key_suggests_the_nearest(tiny_model, tmp_path):
+    stage = online_stage(str(tiny_model), reward_fn="test_grpo:no_filler")
+    stage["num_generation"] = stage.pop("num_generations")
+    recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "run", {"grpo": stage})
+    with pytest.raises(AlignError, match=r"unknown key 'stages.grpo.num_generation' \(did you mean 'num_generations'\?\)"):
+        load_recipe(recipe)
+
+
+def test_batch_must_hold_whole_groups(tiny_model, tmp_path):
+    stage = online_stage(str(tiny_model), reward_fn="test_grpo:no_filler", batch_size=12)
+    recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "run", {"grpo": stage})
+    with pytest.raises(AlignError, match=r"stages.grpo.batch_size: .*multiple of num_generations \(8\)"):
+        run_recipe(load_recipe(recipe))
+
+
+def test_long_prompts_are_cut_from_the_left_or_dropped(tiny_model, tmp_path, caplog):
+    from align.config import GRPOStage
+    from align.models import load_tokenizer
+    from align.stages.grpo import prompt_rows
+
+    tokenizer = load_tokenizer(str(tiny_model))
+    long_question = "Repeat: " + " ".join(["red blue green"] * 30) + " Count from 1 to 4."
+    data = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": "What color is the sky?"}, {"prompt": long_question},
+            {"prompt": [{"role": "user", "content": "Repeat: cat dog " * 20}, {"role": "assistant", "content": "ok"},
+                        {"role": "user", "content": "What color is the snow?"}]}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stage = GRPOStage(model="x", data=str(data), eval_fraction=0.0, max_length=48, response_length=16, seed=0)
+    length = lambda m: len(tokenizer.apply_chat_template(m, add_generation_prompt=True,  # noqa: E731
+                                                         return_dict=True)["input_ids"])
+
+    caplog.set_level(logging.WARNING, logger="align")
+    train, _, too_long = prompt_rows(stage, "grpo", tokenizer)
+    assert too_long == 2 and "2 of 3 prompts are longer" in caplog.text
+    assert len(train) == 3 and all(length(r["prompt"]) <= 32 for r in train)
+    assert train[0]["prompt"] == [{"role": "user", "content": "What color is the sky?"}]
+    assert train[1]["prompt"][-1]["content"].endswith("Count from 1 to 4.")  # the end of the question stays
+    assert train[2]["prompt"][-1]["content"] == "What color is the snow?"
+
+    stage.too_long = "drop"
+    train, _, too_long = prompt_rows(stage, "grpo", tokenizer)
+    assert too_long == 2 and [r["prompt"][0]["content"] for r in train] == ["What color is the sky?"]
+
+    stage.max_length = 20  # the template alone does not fit
+    with pytest.raises(AlignError, match="no training prompts left"):
+        prompt_rows(stage, "grpo", tokenizer)
