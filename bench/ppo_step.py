@@ -58,13 +58,19 @@ def ensure_trl_venv() -> None:
         os.unlink(f.name)
 
 
-def build_models(work: Path, hidden: int, layers: int) -> tuple[str, str]:
+def build_models(work: Path, model: str, hidden: int, layers: int) -> tuple[str, str]:
+    """The policy folder and a random-weight reward model of the same architecture beside it."""
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-    from align.tiny import build_tiny_model
+    if model == "tiny":
+        from align.tiny import build_tiny_model
 
-    policy_dir = build_tiny_model(work / "policy", hidden=hidden, layers=layers, seed=0)
+        policy_dir = build_tiny_model(work / "policy", hidden=hidden, layers=layers, seed=0)
+    else:
+        from align.models import resolve_model
+
+        policy_dir = resolve_model(model)
     tok = AutoTokenizer.from_pretrained(policy_dir)
     config = AutoConfig.from_pretrained(policy_dir, num_labels=1)
     config.pad_token_id = tok.pad_token_id
@@ -74,6 +80,16 @@ def build_models(work: Path, hidden: int, layers: int) -> tuple[str, str]:
     reward.save_pretrained(reward_dir)
     tok.save_pretrained(reward_dir)
     return str(policy_dir), str(reward_dir)
+
+
+def prompt_ids(policy_dir: str) -> list[list[int]]:
+    """Prompt token ids as align's engine renders them, handed to TRL so both sample from the same ids."""
+    from align.models import load_tokenizer
+    from align.rollouts import render_prompt
+
+    tok = load_tokenizer(policy_dir)
+    rows = [json.loads(line)["prompt"] for line in PROMPTS.read_text().splitlines()]
+    return [tok(render_prompt(tok, p), add_special_tokens=False)["input_ids"] for p in rows]
 
 
 def child_ours(settings_path: str, result_path: str) -> None:
@@ -155,6 +171,8 @@ def main() -> None:
     p.add_argument("--ppo-epochs", type=int, default=4)
     p.add_argument("--response-length", type=int, default=32)
     p.add_argument("--updates", type=int, default=6, help="PPO updates per side; the first is a warm-up")
+    p.add_argument("--model", default="tiny", help="'tiny' (random weights, --hidden x --layers) or 'smollm2'; "
+                   "the reward model is always random weights of the same architecture")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--rounds", type=int, default=2, help="alternating runs of each side (load on a shared "
@@ -175,13 +193,16 @@ def main() -> None:
     ensure_trl_venv()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="align-ppo-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    if (work / "policy").exists():
-        policy_dir, reward_dir = str(work / "policy"), str(work / "reward")
+    if (work / "reward").exists():
+        policy_dir, reward_dir = json.loads((work / "models.json").read_text())
     else:
-        policy_dir, reward_dir = build_models(work, args.hidden, args.layers)
+        policy_dir, reward_dir = build_models(work, args.model, args.hidden, args.layers)
+        (work / "models.json").write_text(json.dumps([policy_dir, reward_dir]))
+    (work / "prompt_ids.json").write_text(json.dumps(prompt_ids(policy_dir)))
     if args.rollout_batch_size % args.mini_batch_size:
         sys.exit("--rollout-batch-size must be a multiple of --mini-batch-size (TRL's num_mini_batches)")
-    settings = dict(model=policy_dir, reward=reward_dir, prompts=str(PROMPTS), seed=0, lr=1e-5,
+    settings = dict(model=policy_dir, reward=reward_dir, prompts=str(PROMPTS), prompt_ids=str(work / "prompt_ids.json"),
+                    seed=0, lr=1e-5,
                     rollout_batch_size=args.rollout_batch_size, mini_batch_size=args.mini_batch_size,
                     ppo_epochs=args.ppo_epochs, response_length=args.response_length, updates=args.updates,
                     temperature=1.0, kl_coef=0.05, kl_estimator="k1", vf_coef=0.1, clip_eps=0.2,
@@ -197,7 +218,8 @@ def main() -> None:
             runs[label].append(run_child(f"{name}-{i}" if args.rounds > 1 else name, cmd, settings, work,
                                          args.profile and i == 0, args.threads))
 
-    print(f"\nPPO update: policy {args.layers}x{args.hidden} (random weights), rollout batch {args.rollout_batch_size}, "
+    what = f"{args.layers}x{args.hidden} (random weights)" if args.model == "tiny" else args.model
+    print(f"\nPPO update: policy {what}, rollout batch {args.rollout_batch_size}, "
           f"mini-batch {args.mini_batch_size}, {args.ppo_epochs} PPO epochs, response_length {args.response_length}, "
           f"{args.updates} updates per run (first dropped), {args.rounds} round(s), CPU ({os.cpu_count()} cores), "
           f"{args.threads} torch thread(s) per side")

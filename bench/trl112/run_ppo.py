@@ -32,10 +32,8 @@ def main(settings_path: str, result_path: str) -> None:
     torch.manual_seed(s["seed"])
     tok = AutoTokenizer.from_pretrained(s["model"])
     tok.padding_side = "left"  # TRL's generate() appends after the last column: prompts must be left-padded
-    prompts = [json.loads(line)["prompt"] for line in open(s["prompts"])]
-    # The same token ids our HF engine samples from: the chat template with the generation prompt.
-    ids = [tok(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True),
-               add_special_tokens=False)["input_ids"] for p in prompts]
+    # The token ids align's engine samples from (its chat template, rendered by bench/ppo_step.py).
+    ids = json.loads(open(s["prompt_ids"]).read())
     train = Dataset.from_dict({"input_ids": ids})
 
     policy = AutoModelForCausalLM.from_pretrained(s["model"], dtype=torch.float32)
