@@ -12,8 +12,8 @@ and handed to vLLM as token ids, so both engines sample from the same prompt tok
 completions are decoded by our tokenizer too. Decisions where vLLM and the HF engine
 could differ:
 
-- EOS: sampling stops at `tokenizer.eos_token_id` (passed as a stop token, as the HF
-  engine passes it to `generate`); vLLM keeps the stop token in `token_ids`.
+- EOS: sampling stops at `tokenizer.eos_token_id` and nowhere else (passed as the one stop
+  token, as the HF engine passes it to `generate`); vLLM keeps it in `token_ids`.
 - top_k 0 (off) is sent as -1, which every vLLM release reads as "off".
 - seed: prompt i is sampled with seed `seed + i`, so a prompt's completions depend on the
   seed and the prompt alone (not on the batch, unlike the HF engine), and two prompts
@@ -122,6 +122,9 @@ class VLLMEngine:
             top_k=-1 if greedy or sampling.top_k <= 0 else sampling.top_k,
             max_tokens=sampling.max_new_tokens,
             seed=None if sampling.seed is None else sampling.seed + i,
+            # Stop at our EOS and only there, as the HF engine does: ignore_eos drops the model's own
+            # EOS ids (generation_config may list several); stop_token_ids still applies.
+            ignore_eos=True,
             stop_token_ids=[eos],
             logprobs=0 if return_logps else None,  # 0: only the sampled token's log-prob
             detokenize=False,  # we decode with our tokenizer, as the HF engine does
