@@ -166,14 +166,16 @@ def run_stage(recipe: Recipe, name: str) -> dict:
     summary = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
                         if k in ("train_loss", "eval_loss_before", "eval_loss", "eval_accuracy",
                                  "eval_rewards/accuracies", "eval_reward_before", "eval_reward_after",
-                                 "eval_win_rate") and isinstance(v, float))
+                                 "eval_win_rate", "train_reward_first", "train_reward_last", "kl_last")
+                        and isinstance(v, float))
     log.info("stage %s: complete (%s)", name, summary)
     return metrics
 
 
 # Per-step series worth a plot, by stage type: what falls (loss) and what the stage is for.
 PLOTTED = {"sft": ["loss", "eval_loss"], "reward": ["loss", "accuracy"], "kto": ["loss", "rewards/chosen"],
-           "dpo": ["loss", "rewards/margins", "rewards/accuracies"]}
+           "dpo": ["loss", "rewards/margins", "rewards/accuracies"], "ppo": ["reward", "kl", "value_loss"],
+           "grpo": ["reward", "kl", "loss"], "rloo": ["reward", "kl", "loss"]}
 
 
 def plot_stage(stage_dir: Path, stage_type: str) -> str | None:
