@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import subprocess
 
 import pytest
@@ -82,7 +83,8 @@ def test_grpo_raises_the_reward_models_score(base, tmp_path):
 
 def test_rloo_learns_from_a_reward_fn(base, tmp_path):
     run, _ = base
-    stage = online_stage(str(run / "sft" / "model"), type="rloo", reward_fn="test_grpo:brevity", beta=0.05)
+    stage = online_stage(str(run / "sft" / "model"), type="rloo", reward_fn="test_grpo:brevity", beta=0.05,
+                         max_steps=10)
     recipe = write_recipe(tmp_path / "rloo.yaml", tmp_path / "run", {"rloo": stage})
     metrics = run_recipe(load_recipe(recipe))["rloo"]
     # brevity is minus a tenth of the word count: the held-out greedy answers lose 3+ words on average
@@ -114,7 +116,7 @@ def test_nan_rewards_are_counted_and_left_out(base, tmp_path, caplog):
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
-def test_lora_grpo_saves_one_adapter_and_uses_the_base_as_reference(base, tmp_path):
+def test_lora_grpo_saves_only_its_adapter(base, tmp_path):
     run, _ = base
     stage = online_stage(str(run / "sft" / "model"), reward_fn="test_grpo:no_filler", max_steps=2, batch_size=16,
                          lora={"r": 8, "alpha": 16}, eval_fraction=0.0)
@@ -123,6 +125,29 @@ def test_lora_grpo_saves_one_adapter_and_uses_the_base_as_reference(base, tmp_pa
     model_dir = tmp_path / "run" / "grpo" / "model"
     assert (model_dir / "adapter_config.json").exists()
     assert not (model_dir / "ref").exists()  # TRL's copy of the fresh adapter is not saved with it
+
+
+def test_grpo_run_resumes_from_its_last_checkpoint(base, tmp_path):
+    run, _ = base
+    stage = online_stage(str(run / "sft" / "model"), reward_fn="test_grpo:no_filler", max_steps=3, save_steps=2,
+                         batch_size=16, eval_fraction=0.0, logging_steps=1)
+    recipe = write_recipe(tmp_path / "resume.yaml", tmp_path / "run", {"grpo": stage})
+    run_recipe(load_recipe(recipe))
+    # What a run killed after its step-2 checkpoint leaves behind: a running manifest and no final model.
+    out = tmp_path / "run" / "grpo"
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "status": "running"}))
+    shutil.rmtree(out / "model")
+    (out / "metrics.json").unlink()
+    for ckpt in (out / "checkpoints").glob("checkpoint-*"):
+        if int(ckpt.name.split("-")[1]) > 2:
+            shutil.rmtree(ckpt)
+    again = run_recipe(load_recipe(recipe))["grpo"]
+    assert again["resumed_from_step"] == 2 and again["global_step"] == 3
+    assert (out / "model" / "config.json").exists()
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == [1, 2, 3]  # the log keeps steps 1-2 and gets step 3 once
 
 
 @pytest.mark.parametrize("spec, expected", [
@@ -196,16 +221,17 @@ def test_long_prompts_are_cut_from_the_left_or_dropped(tiny_model, tmp_path, cap
                                                          return_dict=True)["input_ids"])
 
     caplog.set_level(logging.WARNING, logger="align")
-    train, _, too_long = prompt_rows(stage, "grpo", tokenizer)
-    assert too_long == 2 and "2 of 3 prompts are longer" in caplog.text
+    stage.eval_data = str(data)  # held-out prompts follow the same rule
+    train, held, too_long = prompt_rows(stage, "grpo", tokenizer)
+    assert too_long == 2 and "2 of 3 prompts are longer" in caplog.text and held == train
     assert len(train) == 3 and all(length(r["prompt"]) <= 32 for r in train)
     assert train[0]["prompt"] == [{"role": "user", "content": "What color is the sky?"}]
     assert train[1]["prompt"][-1]["content"].endswith("Count from 1 to 4.")  # the end of the question stays
     assert train[2]["prompt"][-1]["content"] == "What color is the snow?"
 
     stage.too_long = "drop"
-    train, _, too_long = prompt_rows(stage, "grpo", tokenizer)
-    assert too_long == 2 and [r["prompt"][0]["content"] for r in train] == ["What color is the sky?"]
+    train, held, too_long = prompt_rows(stage, "grpo", tokenizer)
+    assert too_long == 2 and [r["prompt"][0]["content"] for r in train] == ["What color is the sky?"] and held == train
 
     stage.max_length = 20  # the template alone does not fit
     with pytest.raises(AlignError, match="no training prompts left"):

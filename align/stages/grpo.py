@@ -47,37 +47,45 @@ from align.config import GRPOStage, RLOOStage
 from align.data import as_turns, load_split
 from align.errors import AlignError
 from align.models import adapter_base, apply_lora, load_model, load_tokenizer
-from align.policy_eval import completions_before, reward_report
-from align.stages.dpo import unique_prompts
-from align.training import AlignCallback, save_model, train_with_resume, trainer_args
 
 log = logging.getLogger("align")
 
 
 def run_grpo(stage: GRPOStage, name: str, out_dir: Path, model_path: str, reward_path: str | None = None) -> dict:
+    checked = preflight(stage, name, reward_path)  # before TRL's slow import: a bad recipe fails in a second
     from trl import GRPOConfig, GRPOTrainer
 
-    return _run(stage, name, out_dir, model_path, reward_path, GRPOConfig, GRPOTrainer,
+    return _run(stage, name, out_dir, model_path, reward_path, checked, GRPOConfig, GRPOTrainer,
                 dict(loss_type=stage.loss_type, scale_rewards=stage.scale_rewards))
 
 
 def run_rloo(stage: RLOOStage, name: str, out_dir: Path, model_path: str, reward_path: str | None = None) -> dict:
+    checked = preflight(stage, name, reward_path)
     from trl import RLOOConfig, RLOOTrainer
 
-    return _run(stage, name, out_dir, model_path, reward_path, RLOOConfig, RLOOTrainer, {})
+    return _run(stage, name, out_dir, model_path, reward_path, checked, RLOOConfig, RLOOTrainer, {})
 
 
-def _run(stage, name: str, out_dir: Path, model_path: str, reward_path: str | None, config_cls, trainer_cls,
-         method_args: dict) -> dict:
-    from datasets import Dataset
-
-    timer = Timer()
+def preflight(stage, name: str, reward_path: str | None) -> tuple[dict, object]:
+    """(TRL's engine settings, the reward_fn or None), after every check that needs no model."""
     engine_args = engine_settings(stage, name)
     check_batch(stage, name)
     user_fn = load_reward_fn(stage.reward_fn, name) if stage.reward_fn else None
     if reward_path is None and user_fn is None:
         raise AlignError(f"stages.{name}: no reward: set 'reward_fn: module:function' or add a reward stage before it")
+    return engine_args, user_fn
 
+
+def _run(stage, name: str, out_dir: Path, model_path: str, reward_path: str | None, checked: tuple,
+         config_cls, trainer_cls, method_args: dict) -> dict:
+    from datasets import Dataset
+
+    from align.policy_eval import completions_before, reward_report
+    from align.stages.dpo import unique_prompts
+    from align.training import AlignCallback, save_model, train_with_resume, trainer_args
+
+    timer = Timer()
+    engine_args, user_fn = checked
     tokenizer = load_tokenizer(model_path)
     train, held, too_long = prompt_rows(stage, name, tokenizer)
     log.info("%s: %d training prompts, %d held out; %d completions per prompt", name, len(train), len(held),
@@ -256,7 +264,7 @@ def mean_finite(values) -> float | None:
 
 
 def prompt_rows(stage, name: str, tokenizer) -> tuple[list[dict], list[dict], int]:
-    """Training and held-out `{"prompt": messages}` rows, with `too_long` applied to the training prompts."""
+    """Training and held-out `{"prompt": messages}` rows, `too_long` applied to both; the count is of training rows."""
     train, held = load_split(stage, "prompts", lambda row: {"prompt": as_turns(row["prompt"], "user")})
     limit = stage.max_length - stage.response_length
 
@@ -264,21 +272,27 @@ def prompt_rows(stage, name: str, tokenizer) -> tuple[list[dict], list[dict], in
         return len(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
                                                  return_dict=True)["input_ids"])
 
-    long_rows = [i for i, r in enumerate(train) if length(r["prompt"]) > limit]
-    if long_rows:
+    def fit(rows: list[dict]) -> tuple[list[dict], int]:
+        out = []
+        for row in rows:
+            prompt = row["prompt"]
+            if length(prompt) > limit:
+                prompt = keep_end(prompt, tokenizer, limit, length) if stage.too_long == "truncate" else None
+            if prompt is not None:
+                out.append({"prompt": prompt})
+        return out, sum(length(r["prompt"]) > limit for r in rows)
+
+    n_train = len(train)
+    train, too_long = fit(train)
+    held, _ = fit(held)
+    if too_long:
         verb = "dropped" if stage.too_long == "drop" else "cut from the left"
         log.warning("%s: %d of %d prompts are longer than max_length - response_length = %d tokens and were %s",
-                    name, len(long_rows), len(train), limit, verb)
-        if stage.too_long == "drop":
-            drop = set(long_rows)
-            train = [r for i, r in enumerate(train) if i not in drop]
-        else:
-            cut = {i: keep_end(train[i]["prompt"], tokenizer, limit, length) for i in long_rows}
-            train = [{"prompt": cut[i]} if i in cut else r for i, r in enumerate(train) if cut.get(i, True)]
+                    name, too_long, n_train, limit, verb)
     if not train:
         raise AlignError(f"{stage.data}: no training prompts left (every prompt is longer than max_length - "
                          f"response_length = {limit} tokens, or all were held out); expected at least one")
-    return train, held, len(long_rows)
+    return train, held, too_long
 
 
 def keep_end(messages: list[dict], tokenizer, limit: int, length) -> list[dict] | None:
