@@ -152,12 +152,12 @@ def _run(stage, name: str, out_dir: Path, model_path: str, reward_path: str | No
     history = [r for r in trainer.state.log_history if isinstance(r.get("reward"), (int, float))]
     if history:
         metrics.update(train_reward_first=history[0]["reward"], train_reward_last=history[-1]["reward"])
-    non_finite = sum(f.non_finite for f in reward_funcs)
+    non_finite, scored = sum(f.non_finite for f in reward_funcs), sum(f.scored for f in reward_funcs)
     if non_finite:
-        log.warning("%s: %d of %d rewards were NaN or infinite and were left out (%s)", name, non_finite,
-                    sum(f.scored for f in reward_funcs), ", ".join(f"{f.__name__}: {f.non_finite}" for f in reward_funcs))
+        per_fn = ", ".join(f"{f.__name__}: {f.non_finite}" for f in reward_funcs)
+        log.warning("%s: %d of %d rewards were NaN or infinite, left out (%s)", name, non_finite, scored, per_fn)
     metrics.update(train_prompts=len(train), eval_prompts_held_out=len(held), prompts_too_long=too_long,
-                   reward_non_finite=non_finite, reward_scored=sum(f.scored for f in reward_funcs),
+                   reward_non_finite=non_finite, reward_scored=scored,
                    seconds=round(timer.seconds(), 1))
     return metrics
 
