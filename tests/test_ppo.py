@@ -92,7 +92,7 @@ def test_a_nan_reward_skips_the_step_and_training_goes_on(pipeline, tmp_path):
     out = fresh_copy(pipeline, tmp_path)
     metrics = run_recipe(load_recipe(RECIPE, [f"output_dir={out}", "stages.ppo.max_steps=4",
                                               "stages.ppo.reward_fn=ppo_reward_fns:nan_on_second_batch",
-                                              "stages.ppo.eval_prompts=4"]))["ppo"]
+                                              "stages.ppo.rollout_batch_size=8", "stages.ppo.eval_prompts=4"]))["ppo"]
     rows = log_rows(out)
     assert rows[1] == {"step": 2, "skipped": True, "nan_rewards": 1}
     assert [r["step"] for r in rows if not r.get("skipped")] == [1, 3, 4]
@@ -102,8 +102,9 @@ def test_a_nan_reward_skips_the_step_and_training_goes_on(pipeline, tmp_path):
 
 def test_rewards_that_stay_nan_stop_the_stage(pipeline, tmp_path):
     out = fresh_copy(pipeline, tmp_path)
-    recipe = load_recipe(RECIPE, [f"output_dir={out}", "stages.ppo.max_steps=20",
-                                  "stages.ppo.reward_fn=ppo_reward_fns:always_nan", "stages.ppo.eval_prompts=0"])
+    recipe = load_recipe(RECIPE, [f"output_dir={out}", "stages.ppo.max_steps=20", "stages.ppo.rollout_batch_size=4",
+                                  "stages.ppo.response_length=4", "stages.ppo.reward_fn=ppo_reward_fns:always_nan",
+                                  "stages.ppo.eval_prompts=0"])
     with pytest.raises(AlignError, match="NaN in 10 batches in a row"):
         run_recipe(recipe)
     assert json.loads((out / "ppo" / "manifest.json").read_text())["status"] == "failed"
@@ -118,7 +119,7 @@ def test_reward_model_with_another_tokenizer(pipeline, tmp_path):
     other = build_tiny_model(tmp_path / "tiny300", vocab=300, seed=1)
     out = fresh_copy(pipeline, tmp_path)
     metrics = run_recipe(load_recipe(RECIPE, [f"output_dir={out}", f"stages.reward.model={other}",
-                                              "stages.reward.epochs=1", "stages.ppo.max_steps=3",
+                                              "stages.reward.max_steps=4", "stages.ppo.max_steps=3",
                                               "stages.ppo.eval_prompts=4"]))
     assert metrics["ppo"]["value_model_from"] == "policy"
     assert all(r["reward"] == r["reward"] for r in log_rows(out))
