@@ -22,37 +22,19 @@ from align.models import TINY_DEFAULTS, resolve_model, weights_fingerprint
 log = logging.getLogger("align")
 
 
+# A dict of stage types is all the dispatch we need; imports stay lazy so `align --help` is fast.
+STAGE_RUNNERS = {"sft": "align.stages.sft:run", "reward": "reward.train:run", "dpo": "align.stages.dpo:run",
+                 "kto": "align.stages.kto:run", "ppo": "align.stages.ppo:run", "grpo": "align.stages.grpo:run_grpo",
+                 "rloo": "align.stages.grpo:run_rloo"}
+
+
 def stage_runner(stage_type: str):
-    # A dict of stage types is all the dispatch we need; imports stay lazy so `align --help` is fast.
-    if stage_type == "sft":
-        from align.stages import sft
+    import importlib
 
-        return sft.run
-    if stage_type == "reward":
-        from reward import train
-
-        return train.run
-    if stage_type == "dpo":
-        from align.stages import dpo
-
-        return dpo.run
-    if stage_type == "kto":
-        from align.stages import kto
-
-        return kto.run
-    if stage_type == "ppo":
-        from align.stages import ppo
-
-        return ppo.run
-    if stage_type == "grpo":
-        from align.stages import grpo
-
-        return grpo.run_grpo
-    if stage_type == "rloo":
-        from align.stages import grpo
-
-        return grpo.run_rloo
-    raise AlignError(f"no runner for stage type '{stage_type}'")
+    if stage_type not in STAGE_RUNNERS:
+        raise AlignError(f"no runner for stage type '{stage_type}'")
+    module, _, function = STAGE_RUNNERS[stage_type].partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def model_input(recipe: Recipe, spec: str) -> tuple[str, dict]:

@@ -160,7 +160,9 @@ def test_bad_prompt_sets_end_with_one_line(pipeline, tmp_path, python):
                         "stages.ppo.reward_fn=ppo_reward_fns:not_a_function"], capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": str(REPO / "tests")})
     assert r.returncode == 2
-    assert "stages.ppo.reward_fn: module 'ppo_reward_fns' has no function 'not_a_function'" in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == ("align: error: stages.ppo.reward_fn: 'ppo_reward_fns:not_a_function' "
+                                                 "is a int, not a function; expected function(prompts, completions) "
+                                                 "-> list[float]")
 
 
 def test_align_eval_judges_the_ppo_policy_against_sft(pipeline, tmp_path, python):

@@ -47,6 +47,19 @@ def render_prompt(tokenizer, prompt) -> str:
     return tokenizer.apply_chat_template(as_turns(prompt, "user"), tokenize=False, add_generation_prompt=True)
 
 
+def encode_prompts(tokenizer, prompts: list, max_new_tokens: int, context: int | None) -> list[list[int]]:
+    """Prompt token ids as every engine samples from them; a prompt that leaves no room for
+    `max_new_tokens` within `context` is an error naming it."""
+    from align.errors import AlignError
+
+    encoded = [tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    for i, ids in enumerate(encoded):
+        if context and len(ids) + max_new_tokens > context:
+            raise AlignError(f"prompt {i}: {len(ids)} tokens + max_new_tokens {max_new_tokens} exceed the model's "
+                             f"context of {context} tokens; shorten it or lower max_new_tokens")
+    return encoded
+
+
 def make_engine(kind: str, model, tokenizer, **options):
     """`hf`: `model` is a loaded causal LM (sampled in place). `vllm`: `model` is a model folder;
     options: gpu_memory_utilization, tensor_parallel_size, sync_timeout, max_model_len."""

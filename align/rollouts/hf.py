@@ -13,8 +13,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from align.errors import AlignError
-from align.rollouts import Completion, Sampling, render_prompt
+from align.rollouts import Completion, Sampling, encode_prompts
 
 
 class HFEngine:
@@ -38,12 +37,7 @@ class HFEngine:
                  return_logps: bool = False) -> list[list[Completion]]:
         sampling = sampling or Sampling()
         tok = self.tokenizer
-        encoded = [tok(render_prompt(tok, p), add_special_tokens=False)["input_ids"] for p in prompts]
-        limit = self.max_context()
-        for i, ids in enumerate(encoded):
-            if limit and len(ids) + sampling.max_new_tokens > limit:
-                raise AlignError(f"prompt {i}: {len(ids)} tokens + max_new_tokens {sampling.max_new_tokens} exceed "
-                                 f"the model's context of {limit} tokens; shorten it or lower max_new_tokens")
+        encoded = encode_prompts(tok, prompts, sampling.max_new_tokens, self.max_context())
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
         per_call = max(1, self.batch_size // n)
         out: list[list[Completion] | None] = [None] * len(prompts)

@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 
 from align.errors import AlignError
-from align.rollouts import Completion, Sampling, render_prompt
+from align.rollouts import Completion, Sampling, encode_prompts
 
 INSTALL_HINT = "engine vllm needs a CUDA GPU and `pip install 'align[vllm]'`"
 
@@ -108,12 +108,7 @@ class VLLMEngine:
         sampling = sampling or Sampling()
         tok = self.tokenizer
         eos = tok.eos_token_id
-        encoded = [tok(render_prompt(tok, p), add_special_tokens=False)["input_ids"] for p in prompts]
-        limit = self.max_context()
-        for i, ids in enumerate(encoded):
-            if limit and len(ids) + sampling.max_new_tokens > limit:
-                raise AlignError(f"prompt {i}: {len(ids)} tokens + max_new_tokens {sampling.max_new_tokens} exceed "
-                                 f"the engine's context of {limit} tokens; shorten it or lower max_new_tokens")
+        encoded = encode_prompts(tok, prompts, sampling.max_new_tokens, self.max_context())
         greedy = sampling.temperature <= 0
         params = [self._SamplingParams(
             n=n,

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from align.artifacts import CHECKPOINT_OK, StepLog, Timer, peak_rss_mb, write_json
+from align.artifacts import CHECKPOINT_OK, StepLog, Timer, peak_rss_mb
 from align.config import OnlineStage, PPOStage
 from align.data import as_turns, load_split
 from align.errors import AlignError
@@ -51,6 +51,7 @@ from align.models import apply_lora, load_model, load_tokenizer
 from align.policy_eval import completions_before, reward_report
 from align.rollouts import Sampling, make_engine, render_prompt
 from align.stages.dpo import unique_prompts
+from align.stages.grpo import load_reward_fn
 from align.training import resume_point, save_model
 
 log = logging.getLogger("align")
@@ -101,25 +102,6 @@ def _truncate_prompt(prompt: list[dict], tokenizer, room: int) -> list[dict]:
     keep = max(1, room - overhead)
     last["content"] = tokenizer.decode(ids[-keep:])
     return [last]
-
-
-def load_reward_fn(spec: str | None, key: str):
-    """`module:function` -> the callable, or a one-line error naming the recipe key."""
-    if not spec:
-        return None
-    import importlib
-
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise AlignError(f"{key}: expected 'module:function', got {spec!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise AlignError(f"{key}: cannot import module '{module_name}' ({e})") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise AlignError(f"{key}: module '{module_name}' has no function '{attr}'")
-    return fn
 
 
 class Rewards:
@@ -303,7 +285,7 @@ def run(stage: PPOStage, name: str, out_dir: Path, model_path: str, reward_path:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(stage.seed)
     tokenizer = load_tokenizer(model_path)
-    reward_fn = load_reward_fn(stage.reward_fn, f"stages.{name}.reward_fn")
+    reward_fn = load_reward_fn(stage.reward_fn, name) if stage.reward_fn else None
     train, held, too_long = load_prompts(stage, name, tokenizer)
     log.info("%s: %d training prompts, %d held out", name, len(train), len(held))
 
