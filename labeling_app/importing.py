@@ -74,7 +74,8 @@ def _from_rollout(row: dict, at: str, cap: int, rng: random.Random) -> list[NewP
     if not isinstance(completions, list) or len(completions) < 2:
         raise AlignError(f"{at}: field 'completions': expected a list of at least 2 strings, got {_kind(completions)}")
     for j, text in enumerate(completions):
-        _response(text, f"completions[{j}]", at)
+        if text != "" and not (isinstance(text, str) and not text.strip()):  # an empty answer is left out below
+            _response(text, f"completions[{j}]", at)
     rewards = row.get("rewards")
     if rewards is not None and (not isinstance(rewards, list) or len(rewards) != len(completions)
                                 or not all(_is_number(r) for r in rewards)):
@@ -85,10 +86,12 @@ def _from_rollout(row: dict, at: str, cap: int, rng: random.Random) -> list[NewP
             isinstance(model, list) and len(model) == len(completions) and all(isinstance(m, str) for m in model)):
         raise AlignError(f"{at}: field 'model': expected a string, or a list of {len(completions)} strings "
                          "(one per completion)")
-    # First copy of each distinct completion: identical texts cannot be told apart.
+    # First copy of each distinct completion: identical texts cannot be told apart. An empty completion
+    # (a rollout that stopped at once) is nothing to judge, so it is left out rather than failing the file.
     distinct = {}
     for j, text in enumerate(completions):
-        distinct.setdefault(text.strip(), j)
+        if text.strip():
+            distinct.setdefault(text.strip(), j)
     combos = list(itertools.combinations(sorted(distinct.values()), 2))
     if cap and len(combos) > cap:
         combos = sorted(rng.sample(combos, cap))

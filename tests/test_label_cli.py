@@ -54,6 +54,16 @@ def test_import_rollouts_forms_pairs_and_skips_duplicates(tmp_path):
     assert pairs[3].prompt == ROLLOUTS[1]["prompt"] and pairs[3].metadata["model_b"] == "m2"
 
 
+def test_import_leaves_out_empty_completions(tmp_path):
+    """`align rollouts` writes "" for a completion that stopped at once; it is not a pair to judge."""
+    db = tmp_path / "labels.sqlite"
+    rows = [{"prompt": "2+2?", "completions": ["4", "", "Four.", "  "]}, {"prompt": "hi", "completions": ["", "yo"]}]
+    result = label("import", write_jsonl(tmp_path / "rollouts.jsonl", rows), "--db", db)
+    assert result.returncode == 0, result.stderr
+    with LabelStore(db) as store:
+        assert [(p.response_a, p.response_b) for p in store.pairs()] == [("4", "Four.")]
+
+
 def test_import_pairs_and_a_cap_per_prompt(tmp_path):
     db = tmp_path / "labels.sqlite"
     rows = [{"prompt": "p", "response_a": "x", "response_b": "y", "metadata": {"model_a": "m1"}, "reward_a": 0.3}]
