@@ -159,7 +159,9 @@ class PPOStage(OnlineStage):
     entropy_coef: float = 0.0  # > 0 rewards entropy
     whiten_advantages: bool = True
     missing_eos_penalty: float = 1.0  # subtracted from the reward of completions that never reach EOS
-    value_model: Literal["reward", "policy"] = "reward"  # what the value model's weights start from
+    # What the value model's weights start from. `shared`: no second model, a value head on the policy's own
+    # last hidden state (one forward and backward per mini-batch instead of two: ~2x faster PPO epochs).
+    value_model: Literal["reward", "policy", "shared"] = "reward"
 
 
 @dataclass

@@ -106,18 +106,13 @@ def child_ours(settings_path: str, result_path: str) -> None:
     from align.stages.ppo import run
 
     s = json.loads(Path(settings_path).read_text())
-    if s.get("fused_adamw"):
-        # What-if for align.stages.ppo, which builds torch.optim.AdamW with its defaults (the per-tensor loop
-        # on CPU); TRL gets the fused kernel through transformers' default optim, adamw_torch_fused.
-        adamw = torch.optim.AdamW
-        torch.optim.AdamW = lambda params, **kw: adamw(params, **{**kw, "fused": True})
     stage = PPOStage(model=s["model"], data=s["prompts"], rollout_batch_size=s["rollout_batch_size"],
                      batch_size=s["mini_batch_size"], ppo_epochs=s["ppo_epochs"], response_length=s["response_length"],
                      max_steps=s["updates"], eval_fraction=0.0, eval_prompts=0, save_steps=10**9, logging_steps=1,
                      seed=s["seed"], lr=s["lr"], lr_scheduler="constant", temperature=s["temperature"],
                      kl_coef=s["kl_coef"], kl_estimator=s["kl_estimator"], vf_coef=s["vf_coef"],
                      clip_eps=s["clip_eps"], value_clip_eps=s["clip_eps"], missing_eos_penalty=s["missing_eos_penalty"],
-                     max_grad_norm=s["max_grad_norm"], value_model="reward")
+                     max_grad_norm=s["max_grad_norm"], value_model=s["value_model"])
     stage.type = "ppo"
     out = Path(s["out"])
     metrics = run(stage, "ppo", out, s["model"], s["reward"])
@@ -193,8 +188,9 @@ def main() -> None:
                         "on 2 busy cores made one forward+backward 40x slower and the timings meaningless")
     p.add_argument("--profile", action="store_true", help="cProfile both children and print the top functions")
     p.add_argument("--only", choices=("trl", "ours"), help="run one side only")
-    p.add_argument("--ours-fused-adamw", action="store_true",
-                   help="what-if: run align's PPO with torch.optim.AdamW(fused=True), as TRL's optimizer is")
+    p.add_argument("--ours-value-model", choices=("reward", "shared"), default="reward",
+                   help="align's value model: 'reward' (a second model from the reward model, as TRL's; the same "
+                        "work) or 'shared' (a head on the policy's trunk: a different method, less work)")
     p.add_argument("--work", help="folder for models and outputs (default: a new temp folder)")
     p.add_argument("--child", nargs=2, metavar=("SETTINGS", "RESULT"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -219,7 +215,7 @@ def main() -> None:
                     rollout_batch_size=args.rollout_batch_size, mini_batch_size=args.mini_batch_size,
                     ppo_epochs=args.ppo_epochs, response_length=args.response_length, updates=args.updates,
                     temperature=1.0, kl_coef=0.05, kl_estimator="k1", vf_coef=0.1, clip_eps=0.2,
-                    missing_eos_penalty=1.0, max_grad_norm=1.0, fused_adamw=args.ours_fused_adamw)
+                    missing_eos_penalty=1.0, max_grad_norm=1.0, value_model=args.ours_value_model)
     print(f"work folder: {work}", file=sys.stderr)
     sides = {"trl 1.12.0": ("trl", [str(VENV_PY), str(REPO / "bench" / "trl112" / "run_ppo.py")]),
              "align": ("ours", [sys.executable, str(Path(__file__).resolve()), "--child"])}
@@ -232,7 +228,8 @@ def main() -> None:
                                          args.profile and i == 0, args.threads))
 
     what = f"{args.layers}x{args.hidden} (random weights)" if args.model == "tiny" else args.model
-    what += ", align with fused AdamW (what-if)" if args.ours_fused_adamw else ""
+    what += ", align with a shared value head (less work than TRL's separate value model)" \
+        if args.ours_value_model == "shared" else ""
     print(f"\nPPO update: policy {what}, rollout batch {args.rollout_batch_size}, "
           f"mini-batch {args.mini_batch_size}, {args.ppo_epochs} PPO epochs, response_length {args.response_length}, "
           f"{args.updates} updates per run (first dropped), {args.rounds} round(s), CPU ({os.cpu_count()} cores), "

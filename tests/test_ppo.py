@@ -184,3 +184,13 @@ def test_align_eval_judges_the_ppo_policy_against_sft(pipeline, tmp_path, python
     assert ppo["kl"] > 0.1 and ppo["words_policy"] < ppo["words_baseline"]
     same = align_eval("sft", "same.json")  # a model against itself: all ties, no divergence
     assert same["win_rate"] == 0.5 and same["kl"] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_shared_value_head_learns_without_a_second_model(pipeline, tmp_path):
+    """`value_model: shared` reads values off the policy's own trunk: one model trains, and it still learns."""
+    out = fresh_copy(pipeline, tmp_path)
+    metrics = run_recipe(load_recipe(RECIPE, [f"output_dir={out}", "stages.ppo.value_model=shared",
+                                              "stages.ppo.max_steps=8", "stages.ppo.eval_prompts=12"]))["ppo"]
+    assert metrics["value_model_from"] == "shared"
+    assert metrics["eval_reward_after"] > metrics["eval_reward_before"] + 1.0
+    assert all(r["value_loss"] == r["value_loss"] for r in log_rows(out))  # the head trains, nothing NaN

@@ -125,12 +125,26 @@ class Rewards:
         return total
 
 
-def value_model_for(stage: PPOStage, name: str, model_path: str, reward_path: str | None, policy_tokenizer):
+class SharedValueHead(torch.nn.Module):
+    """`value_model: shared`: V(s_t) = w·h_t + b on the policy's last hidden state; starts at 0."""
+
+    def __init__(self, hidden_size: int, dtype):
+        super().__init__()
+        self.head = torch.nn.Linear(hidden_size, 1, dtype=dtype)
+        torch.nn.init.zeros_(self.head.weight)
+        torch.nn.init.zeros_(self.head.bias)
+
+
+def value_model_for(stage: PPOStage, name: str, model_path: str, reward_path: str | None, policy_tokenizer,
+                    policy=None):
     """A 1-output sequence classifier read at every token. From the reward model when it shares the
-    policy's vocabulary (its head already knows what scores well), else from the policy."""
+    policy's vocabulary (its head already knows what scores well), else from the policy; or, with
+    `shared`, only a head on the policy's trunk."""
     from reward.train import init_reward_model
 
     source = stage.value_model
+    if source == "shared":
+        return SharedValueHead(policy.config.hidden_size, next(policy.parameters()).dtype), source
     if source == "reward" and reward_path:
         rm_tokenizer = load_tokenizer(reward_path)
         if rm_tokenizer.get_vocab() != policy_tokenizer.get_vocab():
@@ -170,6 +184,23 @@ def per_token_values(value_model, input_ids, attention_mask, position_ids, keep:
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       use_cache=False).last_hidden_state[:, -keep:]
     return head(hidden).squeeze(-1).float()
+
+
+def logits_and_values(policy, value_model, batch: dict, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits predicting the T completion tokens (B, T, V), V(s_t) before each of them (B, T)).
+
+    With a shared head, one pass of the policy's trunk gives both; otherwise the value model runs its own."""
+    T = batch["T"]
+    args = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"])
+    if isinstance(value_model, SharedValueHead):
+        inner = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+        hidden = getattr(inner, inner.base_model_prefix)(**args, use_cache=False).last_hidden_state[:, -(T + 1):]
+        logits = inner.get_output_embeddings()(hidden)[:, :-1].float()
+        values = value_model.head(hidden).squeeze(-1).float()[:, :-1]
+        return (logits / temperature if temperature not in (0.0, 1.0) else logits), values
+    logits = completion_logits(policy, **args, T=T, temperature=temperature)
+    # V(s_t): the state before token t is position P-1+t, the T positions ending one before the last.
+    return logits, per_token_values(value_model, **args, keep=T + 1)[:, :-1]
 
 
 def completion_logits(policy, input_ids, attention_mask, position_ids, T: int, temperature: float) -> torch.Tensor:
@@ -301,8 +332,8 @@ def run(stage: PPOStage, name: str, out_dir: Path, model_path: str, reward_path:
         ref = load_model(model_path).to(device).eval().requires_grad_(False)
     if stage.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
-    value_model, value_source = value_model_for(stage, name, model_path, reward_path, tokenizer)
-    if stage.lora:
+    value_model, value_source = value_model_for(stage, name, model_path, reward_path, tokenizer, policy)
+    if stage.lora and value_source != "shared":
         from peft import LoraConfig, get_peft_model
 
         value_model = get_peft_model(value_model, LoraConfig(
@@ -387,14 +418,16 @@ def run(stage: PPOStage, name: str, out_dir: Path, model_path: str, reward_path:
         with torch.no_grad():
             policy.eval()
             value_model.eval()
-            if reuse_logps:
+            if reuse_logps and value_source != "shared":
                 old_logps = torch.zeros_like(mask)
                 for i, c in enumerate(completions):
                     old_logps[i, :len(c.logps)] = torch.tensor(c.logps)
-            else:
-                old_logps = token_logps(completion_logits(policy, batch["input_ids"], batch["attention_mask"],
-                                                          batch["position_ids"], T, stage.temperature),
-                                        batch["tokens"])
+                old_values = per_token_values(value_model, batch["input_ids"], batch["attention_mask"],
+                                              batch["position_ids"], T + 1)[:, :-1]
+            else:  # the policy's pass is needed anyway (shared values, vLLM kernels or a temperature)
+                logits, old_values = logits_and_values(policy, value_model, batch, stage.temperature)
+                old_logps = token_logps(logits, batch["tokens"])
+                del logits
             if ref is None:
                 with policy.disable_adapter():
                     ref_logits = completion_logits(policy, batch["input_ids"], batch["attention_mask"],
@@ -404,9 +437,6 @@ def run(stage: PPOStage, name: str, out_dir: Path, model_path: str, reward_path:
                                                batch["position_ids"], T, stage.temperature)
             ref_logps = token_logps(ref_logits, batch["tokens"])
             del ref_logits
-            # V(s_t): the state before token t is position P-1+t, the T positions ending one before the last.
-            old_values = per_token_values(value_model, batch["input_ids"], batch["attention_mask"],
-                                          batch["position_ids"], T + 1)[:, :-1]
             old_logps, ref_logps, old_values = old_logps * mask, ref_logps * mask, old_values * mask
 
             kl = kl_estimate(old_logps, ref_logps, stage.kl_estimator) * mask  # (B, T)
@@ -434,11 +464,8 @@ def run(stage: PPOStage, name: str, out_dir: Path, model_path: str, reward_path:
                 for u0 in range(0, len(mb_idx), stage.batch_size):
                     mb, old = rows_of(batch, mb_idx[u0:u0 + stage.batch_size].to(device), per_token)
                     m = mb["completion_mask"]
-                    logits = completion_logits(policy, mb["input_ids"], mb["attention_mask"], mb["position_ids"],
-                                               mb["T"], stage.temperature)
+                    logits, values = logits_and_values(policy, value_model, mb, stage.temperature)
                     logps = token_logps(logits, mb["tokens"])
-                    values = per_token_values(value_model, mb["input_ids"], mb["attention_mask"],
-                                              mb["position_ids"], mb["T"] + 1)[:, :-1]
                     pg_loss, pg_stats = ppo_policy_loss(logps, old["old_logps"], old["advantages"], m, stage.clip_eps)
                     vf_loss, vf_stats = ppo_value_loss(values, old["old_values"], old["returns"], m,
                                                        stage.value_clip_eps)
