@@ -31,10 +31,12 @@ def completions_before(model, tokenizer, prompts: list, out_dir: Path, max_new_t
     return texts
 
 
-def reward_report(reward_path: str, prompts: list, before: list[str], after: list[str], out_dir: Path) -> dict:
+def reward_report(reward_path: str, prompts: list, before: list[str], after: list[str], out_dir: Path,
+                  scorer=None) -> dict:
+    """`scorer`: a `RewardScorer` of `reward_path` the stage already holds (else one is loaded)."""
     from reward.score import RewardScorer
 
-    scorer = RewardScorer(reward_path)
+    scorer = scorer or RewardScorer(reward_path)
     r_before = scorer.score(prompts, before)
     r_after = scorer.score(prompts, after)
     wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(r_after, r_before)]

@@ -33,20 +33,16 @@ Engine: `hf` samples with `generate` (CPU or GPU); `vllm` is TRL's colocated vLL
 
 from __future__ import annotations
 
-import difflib
-import importlib
 import importlib.util
 import logging
 import math
-import os
-import sys
 from pathlib import Path
 
 from align.artifacts import StepLog, Timer
 from align.config import GRPOStage, RLOOStage
-from align.data import as_turns, load_split
 from align.errors import AlignError
 from align.models import adapter_base, apply_lora, load_model, load_tokenizer
+from align.stages.online import load_reward_fn, prompt_rows
 
 log = logging.getLogger("align")
 
@@ -91,7 +87,7 @@ def _run(stage, name: str, out_dir: Path, model_path: str, reward_path: str | No
     log.info("%s: %d training prompts, %d held out; %d completions per prompt", name, len(train), len(held),
              stage.num_generations)
 
-    reward_funcs = []
+    reward_funcs, scorer = [], None
     if reward_path:
         from reward.score import RewardScorer
 
@@ -143,7 +139,8 @@ def _run(stage, name: str, out_dir: Path, model_path: str, reward_path: str | No
 
         after_texts = greedy_completions(trainer.model, tokenizer, eval_prompts, max_new_tokens=stage.max_new_tokens)
         if reward_path:
-            metrics.update(reward_report(reward_path, eval_prompts, before_texts, after_texts, out_dir))
+            metrics.update(reward_report(reward_path, eval_prompts, before_texts, after_texts, out_dir,
+                                         scorer=scorer))
         if user_fn is not None:
             metrics["eval_reward_fn_before"] = mean_finite(user_fn(eval_prompts, before_texts))
             metrics["eval_reward_fn_after"] = mean_finite(user_fn(eval_prompts, after_texts))
@@ -190,35 +187,6 @@ def check_batch(stage, name: str) -> None:
                          f"max_length={stage.max_length}")
 
 
-def load_reward_fn(spec: str, name: str):
-    """`module:function` -> the function; any problem is one line naming the key."""
-    key = f"stages.{name}.reward_fn"
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise AlignError(f"{key}: expected module:function, such as my_rewards:brevity; got {spec!r}")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())  # `align run` from a folder holding the module finds it, as `python -m` would
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        raise AlignError(f"{key}: cannot import module '{module_name}' ({e}); expected a module on the Python path "
-                         "or in the current folder") from None
-    except Exception as e:  # the module's own code failed
-        raise AlignError(f"{key}: importing '{module_name}' failed: {e.__class__.__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
-    if not hasattr(module, attr):
-        names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
-        close = difflib.get_close_matches(attr, names, n=1, cutoff=0.5)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise AlignError(f"{key}: module '{module_name}' has no function '{attr}'{hint}; expected "
-                         "function(prompts, completions) -> list[float]")
-    fn = getattr(module, attr)
-    if not callable(fn):
-        raise AlignError(f"{key}: '{spec}' is a {type(fn).__name__}, not a function; expected "
-                         "function(prompts, completions) -> list[float]")
-    return fn
-
-
 class CheckedReward:
     """A reward function as TRL calls it: completion texts in, one float (or None) per completion out.
 
@@ -261,57 +229,3 @@ def _finite_or_none(value, fn_name: str) -> float | None:
 def mean_finite(values) -> float | None:
     finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     return sum(finite) / len(finite) if finite else None
-
-
-def prompt_rows(stage, name: str, tokenizer) -> tuple[list[dict], list[dict], int]:
-    """Training and held-out `{"prompt": messages}` rows, `too_long` applied to both; the count is of training rows."""
-    train, held = load_split(stage, "prompts", lambda row: {"prompt": as_turns(row["prompt"], "user")})
-    limit = stage.max_length - stage.response_length
-
-    def length(messages) -> int:
-        return len(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
-                                                 return_dict=True)["input_ids"])
-
-    def fit(rows: list[dict]) -> tuple[list[dict], int]:
-        out = []
-        for row in rows:
-            prompt = row["prompt"]
-            if length(prompt) > limit:
-                prompt = keep_end(prompt, tokenizer, limit, length) if stage.too_long == "truncate" else None
-            if prompt is not None:
-                out.append({"prompt": prompt})
-        return out, sum(length(r["prompt"]) > limit for r in rows)
-
-    n_train = len(train)
-    train, too_long = fit(train)
-    held, _ = fit(held)
-    if too_long:
-        verb = "dropped" if stage.too_long == "drop" else "cut from the left"
-        log.warning("%s: %d of %d prompts are longer than max_length - response_length = %d tokens and were %s",
-                    name, too_long, n_train, limit, verb)
-    if not train:
-        raise AlignError(f"{stage.data}: no training prompts left (every prompt is longer than max_length - "
-                         f"response_length = {limit} tokens, or all were held out); expected at least one")
-    return train, held, too_long
-
-
-def keep_end(messages: list[dict], tokenizer, limit: int, length) -> list[dict] | None:
-    """The end of `messages` in at most `limit` tokens: the last turns that fit whole, plus the tail of the turn
-    before them; None when not even the template's own tokens fit."""
-    k = next((k for k in range(1, len(messages)) if length(messages[k:]) <= limit), len(messages))
-    head, rest = messages[k - 1], messages[k:]  # rest fits whole (or is empty); keep what fits of head's end
-    ids = tokenizer(head["content"], add_special_tokens=False)["input_ids"]
-
-    def cut(drop: int) -> list[dict]:
-        return [{**head, "content": tokenizer.decode(ids[drop:])}] + rest
-
-    lo, hi = 0, len(ids)  # the fewest leading tokens of head to drop
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if length(cut(mid)) <= limit:
-            hi = mid
-        else:
-            lo = mid + 1
-    if lo < len(ids):
-        return cut(lo)
-    return rest if rest else None

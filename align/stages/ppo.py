@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -41,67 +42,21 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from align.artifacts import CHECKPOINT_OK, StepLog, Timer, peak_rss_mb
-from align.config import OnlineStage, PPOStage
-from align.data import as_turns, load_split
+from align.artifacts import CHECKPOINT_OK, StepLog, Timer, complete_checkpoints, peak_rss_mb
+from align.config import PPOStage
 from align.errors import AlignError
 from align.losses import (adaptive_kl_coef, entropy_from_logits, explained_variance, gae, kl_estimate,
                           masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss)
 from align.models import apply_lora, load_model, load_tokenizer
 from align.policy_eval import completions_before, reward_report
-from align.rollouts import Sampling, make_engine, render_prompt
+from align.rollouts import Sampling, make_engine
 from align.stages.dpo import unique_prompts
-from align.stages.grpo import load_reward_fn
+from align.stages.online import load_reward_fn, prompt_rows
 from align.training import resume_point, save_model
 
 log = logging.getLogger("align")
 
 MAX_NAN_STEPS = 10  # consecutive skipped batches before the stage gives up
-
-
-def load_prompts(stage: OnlineStage, name: str, tokenizer) -> tuple[list, list, int]:
-    """Train and held-out prompts that leave room for `response_length` new tokens; longer ones are
-    dropped, or cut to their last turns' tokens (`too_long: truncate` keeps the end, where the question is)."""
-    train_rows, held_rows = load_split(stage, "prompts")
-    room = stage.max_length - stage.response_length
-    if room < 1:
-        raise AlignError(f"{name}: max_length={stage.max_length} leaves no room for prompts after "
-                         f"response_length={stage.response_length}")
-    too_long = 0
-
-    def fit(rows: list[dict]) -> list:
-        nonlocal too_long
-        out = []
-        for row in rows:
-            prompt = as_turns(row["prompt"], "user")
-            n = len(tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"])
-            if n <= room:
-                out.append(prompt)
-                continue
-            too_long += 1
-            if stage.too_long == "truncate":
-                out.append(_truncate_prompt(prompt, tokenizer, room))
-        return out
-
-    train, held = fit(train_rows), fit(held_rows)
-    if too_long:
-        verb = "dropped" if stage.too_long == "drop" else "cut to fit"
-        log.warning("%s: %d prompts leave less than response_length=%d of max_length=%d tokens and were %s",
-                    name, too_long, stage.response_length, stage.max_length, verb)
-    if not train:
-        raise AlignError(f"{name}: {stage.data}: no prompts to train on"
-                         + (f" ({too_long} longer than max_length - response_length)" if too_long else ""))
-    return train, held, too_long
-
-
-def _truncate_prompt(prompt: list[dict], tokenizer, room: int) -> list[dict]:
-    """Keep the last turn's last tokens so the rendered prompt fits in `room`."""
-    last = dict(prompt[-1])
-    ids = tokenizer(last["content"], add_special_tokens=False)["input_ids"]
-    overhead = len(tokenizer(render_prompt(tokenizer, [{**last, "content": ""}]), add_special_tokens=False)["input_ids"])
-    keep = max(1, room - overhead)
-    last["content"] = tokenizer.decode(ids[-keep:])
-    return [last]
 
 
 class Rewards:
@@ -154,10 +109,10 @@ def value_model_for(stage: PPOStage, name: str, model_path: str, reward_path: st
     elif source == "reward":
         source = "policy"
     if source == "reward":
-        from transformers import AutoModelForSequenceClassification
+        from align.models import use_bf16
+        from reward.score import load_reward_model
 
-        model = AutoModelForSequenceClassification.from_pretrained(reward_path, num_labels=1,
-                                                                   dtype=_dtype())
+        model = load_reward_model(reward_path, dtype=torch.bfloat16 if use_bf16() else torch.float32)[0]
     else:
         model = init_reward_model(model_path)
         with torch.no_grad():  # a zero head: values start at 0 rather than at noise
@@ -166,16 +121,20 @@ def value_model_for(stage: PPOStage, name: str, model_path: str, reward_path: st
     return model, source
 
 
-def _dtype():
-    from align.models import use_bf16
-
-    return torch.bfloat16 if use_bf16() else torch.float32
+def _unwrapped(model):
+    """The transformers model inside a PEFT wrapper (its LoRA layers sit in it, in place)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _value_parts(model):
     """(backbone, score head) of a sequence-classification model, through a PEFT wrapper if any."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = _unwrapped(model)
     return getattr(inner, inner.base_model_prefix), inner.score
+
+
+def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Logits of the distribution the completions were sampled from (greedy and T=1 read the raw ones)."""
+    return logits / temperature if temperature not in (0.0, 1.0) else logits
 
 
 def per_token_values(value_model, input_ids, attention_mask, position_ids, keep: int) -> torch.Tensor:
@@ -193,11 +152,10 @@ def logits_and_values(policy, value_model, batch: dict, temperature: float) -> t
     T = batch["T"]
     args = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"])
     if isinstance(value_model, SharedValueHead):
-        inner = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+        inner = _unwrapped(policy)
         hidden = getattr(inner, inner.base_model_prefix)(**args, use_cache=False).last_hidden_state[:, -(T + 1):]
         logits = inner.get_output_embeddings()(hidden)[:, :-1].float()
-        values = value_model.head(hidden).squeeze(-1).float()[:, :-1]
-        return (logits / temperature if temperature not in (0.0, 1.0) else logits), values
+        return _tempered(logits, temperature), value_model.head(hidden).squeeze(-1).float()[:, :-1]
     logits = completion_logits(policy, **args, T=T, temperature=temperature)
     # V(s_t): the state before token t is position P-1+t, the T positions ending one before the last.
     return logits, per_token_values(value_model, **args, keep=T + 1)[:, :-1]
@@ -207,8 +165,7 @@ def completion_logits(policy, input_ids, attention_mask, position_ids, T: int, t
     """Logits that predict the T completion tokens: (B, T, V). The LM head runs on T+1 positions only."""
     out = policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                  logits_to_keep=T + 1, use_cache=False)
-    logits = out.logits[:, :-1].float()
-    return logits / temperature if temperature not in (0.0, 1.0) else logits
+    return _tempered(out.logits[:, :-1].float(), temperature)
 
 
 def token_logps(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -284,10 +241,6 @@ class Checkpoints:
         torch.save(state, tmp)
         tmp.replace(ckpt / "state.pt")
         (ckpt / CHECKPOINT_OK).write_text(str(step))
-        import shutil
-
-        from align.artifacts import complete_checkpoints
-
         for old in complete_checkpoints(self.folder)[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -317,11 +270,12 @@ def run(stage: PPOStage, name: str, out_dir: Path, model_path: str, reward_path:
     torch.manual_seed(stage.seed)
     tokenizer = load_tokenizer(model_path)
     reward_fn = load_reward_fn(stage.reward_fn, name) if stage.reward_fn else None
-    train, held, too_long = load_prompts(stage, name, tokenizer)
+    train_rows, held_rows, too_long = prompt_rows(stage, name, tokenizer)
+    train, held = [r["prompt"] for r in train_rows], [r["prompt"] for r in held_rows]
     log.info("%s: %d training prompts, %d held out", name, len(train), len(held))
 
     policy = load_model(model_path).to(device)
-    eval_prompts = unique_prompts([{"prompt": p} for p in held], stage.eval_prompts)
+    eval_prompts = unique_prompts(held_rows, stage.eval_prompts)
     before_texts = None
     if reward_path and eval_prompts:
         before_texts = completions_before(policy, tokenizer, eval_prompts, out_dir, stage.max_new_tokens)
@@ -530,7 +484,8 @@ def run(stage: PPOStage, name: str, out_dir: Path, model_path: str, reward_path:
         from align.generate import greedy_completions
 
         after_texts = greedy_completions(policy, tokenizer, eval_prompts, max_new_tokens=stage.max_new_tokens)
-        metrics.update(reward_report(reward_path, eval_prompts, before_texts, after_texts, out_dir))
+        metrics.update(reward_report(reward_path, eval_prompts, before_texts, after_texts, out_dir,
+                                     scorer=rewards.scorer))
     metrics.update(steps=total_steps, skipped_steps=skipped, resumed_from_step=start_step or None,
                    train_prompts=len(train), eval_prompts=len(eval_prompts), prompts_too_long=too_long,
                    value_model_from=value_source, kl_coef_final=kl_coef, peak_rss_mb=round(peak_rss_mb(), 1),
