@@ -218,3 +218,16 @@ def weights_fingerprint(path: str) -> str:
         return "hub:" + path
     items = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in p.iterdir() if f.is_file())
     return _short_hash(json.dumps(items))
+
+
+def frozen_copy(model):
+    """The reference for a full fine-tuning stage: the starting weights, copied in memory and frozen.
+
+    Never re-read from `config._name_or_path`: after an adapter merge that names the pre-SFT base, not the
+    model this stage started from. Under LoRA no copy is needed: the policy with its adapter disabled is the
+    reference."""
+    import copy
+
+    ref = copy.deepcopy(model)
+    ref.eval().requires_grad_(False)
+    return ref
