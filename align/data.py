@@ -202,18 +202,18 @@ def _check_row(row: dict, kind: str, at: str) -> None:
             _check_messages(row["messages"], "messages", at, must_end_with="assistant")
         elif fmt == "prompt_completion":
             _check_required(row, ("prompt", "completion"), at)
-            _check_turn(row["prompt"], "prompt", at, last_role="user")
-            _check_turn(row["completion"], "completion", at, last_role="assistant")
+            check_turn(row["prompt"], "prompt", at, last_role="user")
+            check_turn(row["completion"], "completion", at, last_role="assistant")
         else:
             _missing(row, ("messages",) if "prompt" not in row else ("completion",), kind, at)
     elif kind == "preference":
         _check_required(row, ("chosen", "rejected"), at)
         if "prompt" in row:
-            _check_turn(row["prompt"], "prompt", at, last_role="user")
+            check_turn(row["prompt"], "prompt", at, last_role="user")
         elif not isinstance(row["chosen"], list):
             _missing(row, ("prompt",), kind, at)
-        _check_turn(row["chosen"], "chosen", at, last_role="assistant", implicit=("prompt" not in row))
-        _check_turn(row["rejected"], "rejected", at, last_role="assistant", implicit=("prompt" not in row))
+        check_turn(row["chosen"], "chosen", at, last_role="assistant", implicit=("prompt" not in row))
+        check_turn(row["rejected"], "rejected", at, last_role="assistant", implicit=("prompt" not in row))
         if row["chosen"] == row["rejected"]:
             raise AlignError(f"{at}: 'chosen' and 'rejected' are identical; a preference pair needs two "
                              "different responses")
@@ -227,14 +227,14 @@ def _check_row(row: dict, kind: str, at: str) -> None:
         _check_row(row, "preference" if ("chosen" in row or "rejected" in row) else "unpaired", at)
     elif kind == "unpaired":
         _check_required(row, ("prompt", "completion", "label"), at)
-        _check_turn(row["prompt"], "prompt", at, last_role="user")
-        _check_turn(row["completion"], "completion", at, last_role="assistant")
+        check_turn(row["prompt"], "prompt", at, last_role="user")
+        check_turn(row["completion"], "completion", at, last_role="assistant")
         if not isinstance(row["label"], bool):
             raise AlignError(f"{at}: field 'label': expected true (desirable) or false (undesirable), "
                              f"got {row['label']!r}")
     elif kind == "prompts":
         _check_required(row, ("prompt",), at)
-        _check_turn(row["prompt"], "prompt", at, last_role="user")
+        check_turn(row["prompt"], "prompt", at, last_role="user")
     else:
         raise ValueError(kind)
 
@@ -249,7 +249,7 @@ def _missing(row: dict, fields, kind: str, at: str) -> None:
     raise AlignError(f"{at}: missing field '{fields[0]}'; expected rows like {KINDS[kind]}, row has {sorted(row)}")
 
 
-def _check_turn(value: Any, field: str, at: str, last_role: str, implicit: bool = False) -> None:
+def check_turn(value: Any, field: str, at: str, last_role: str, implicit: bool = False) -> None:
     """A string, or a message list (a prompt ends with a user turn; a response is assistant turns)."""
     if isinstance(value, str):
         if implicit:
@@ -346,6 +346,17 @@ def as_unpaired(row: dict) -> list[dict]:
     pair = as_preference(row)
     return [{"prompt": pair["prompt"], "completion": pair["chosen"], "label": True},
             {"prompt": pair["prompt"], "completion": pair["rejected"], "label": False}]
+
+
+def unique_prompts(pairs: list[dict], limit: int) -> list:
+    """Up to `limit` distinct prompts, in order: repeated prompts would weigh twice in the reward means."""
+    seen, out = set(), []
+    for p in pairs:
+        key = repr(p["prompt"])
+        if key not in seen:
+            seen.add(key)
+            out.append(p["prompt"])
+    return out[:limit]
 
 
 def split(rows: list, eval_fraction: float, seed: int) -> tuple[list, list]:

@@ -18,12 +18,11 @@ from pathlib import Path
 import torch
 
 from align.artifacts import write_json, write_text
-from align.data import load_rows
+from align.data import unique_prompts, load_rows
 from align.errors import AlignError
 from align.generate import greedy_completions
 from align.models import load_model, load_tokenizer, resolve_model
 from align.rollouts import Sampling, make_engine
-from align.stages.dpo import unique_prompts
 
 log = logging.getLogger("align")
 

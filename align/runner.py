@@ -13,7 +13,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from align.artifacts import hash_json, library_versions, now, read_json, write_json, write_text
+from align.artifacts import hash_json, library_versions, now, read_json, write_json
 from align.config import STAGE_DATA, STAGE_REF, Recipe, config_dict
 from align.data import fingerprint
 from align.errors import AlignError
@@ -24,7 +24,7 @@ log = logging.getLogger("align")
 
 
 # A dict of stage types is all the dispatch we need; imports stay lazy so `align --help` is fast.
-STAGE_RUNNERS = {"sft": "align.stages.sft:run", "reward": "reward.train:run", "dpo": "align.stages.dpo:run",
+STAGE_RUNNERS = {"sft": "align.stages.sft:run", "reward": "align.stages.reward:run", "dpo": "align.stages.dpo:run",
                  "kto": "align.stages.kto:run", "ppo": "align.stages.ppo:run", "grpo": "align.stages.grpo:run_grpo",
                  "rloo": "align.stages.grpo:run_rloo"}
 

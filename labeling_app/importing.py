@@ -22,7 +22,7 @@ from __future__ import annotations
 import itertools
 import random
 
-from align.data import _check_turn, read_rows
+from align.data import check_turn, read_rows
 from align.errors import AlignError
 
 from labeling_app.store import NewPair
@@ -135,7 +135,7 @@ def _from_preference(row: dict, at: str) -> NewPair:
 def _prompt(row: dict, at: str, fmt: str):
     if row.get("prompt") is None:
         raise AlignError(f"{at}: missing field 'prompt'; expected rows like {EXAMPLES[fmt]}, row has {sorted(row)}")
-    _check_turn(row["prompt"], "prompt", at, last_role="user")
+    check_turn(row["prompt"], "prompt", at, last_role="user")
     if isinstance(row["prompt"], list):
         return [{"role": m["role"], "content": m["content"]} for m in row["prompt"]]
     return row["prompt"]

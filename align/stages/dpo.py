@@ -18,7 +18,7 @@ import torch
 
 from align.artifacts import StepLog, Timer, hash_json
 from align.config import DPOStage
-from align.data import as_preference, load_split
+from align.data import as_preference, load_split, unique_prompts
 from align.errors import AlignError
 from align.models import apply_lora, cache_dir, load_model, load_tokenizer
 from align.policy_eval import completions_before, reward_report
@@ -110,17 +110,6 @@ def preference_rows(stage, name: str, tokenizer) -> tuple[list[dict], list[dict]
     for p in train + held:
         p.pop("margin", None)  # a reward-model notion; DPO has no use for it
     return train, held, too_long
-
-
-def unique_prompts(pairs: list[dict], limit: int) -> list:
-    """Up to `limit` distinct prompts, in order: repeated prompts would weigh twice in the reward means."""
-    seen, out = set(), []
-    for p in pairs:
-        key = repr(p["prompt"])
-        if key not in seen:
-            seen.add(key)
-            out.append(p["prompt"])
-    return out[:limit]
 
 
 def run(stage: DPOStage, name: str, out_dir: Path, model_path: str, reward_path: str | None = None) -> dict:

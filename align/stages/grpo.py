@@ -77,7 +77,7 @@ def _run(stage, name: str, out_dir: Path, model_path: str, reward_path: str | No
     from datasets import Dataset
 
     from align.policy_eval import completions_before, reward_report
-    from align.stages.dpo import unique_prompts
+    from align.data import unique_prompts
     from align.training import AlignCallback, save_model, train_with_resume, trainer_args
 
     timer = Timer()

@@ -12,10 +12,9 @@ from pathlib import Path
 
 from align.artifacts import StepLog, Timer
 from align.config import KTOStage
-from align.data import as_unpaired, load_split
+from align.data import as_unpaired, load_split, unique_prompts
 from align.models import apply_lora, load_model, load_tokenizer
 from align.policy_eval import completions_before, reward_report
-from align.stages.dpo import unique_prompts
 from align.training import AlignCallback, finite, save_model, train_with_eval, trainer_args
 
 log = logging.getLogger("align")

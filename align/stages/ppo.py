@@ -44,13 +44,13 @@ from tqdm.auto import tqdm
 
 from align.artifacts import CHECKPOINT_OK, StepLog, Timer, complete_checkpoints, peak_rss_mb
 from align.config import PPOStage
+from align.data import unique_prompts
 from align.errors import AlignError
 from align.losses import (adaptive_kl_coef, entropy_from_logits, explained_variance, gae, kl_estimate,
                           masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss)
 from align.models import apply_lora, load_model, load_tokenizer
 from align.policy_eval import completions_before, reward_report
 from align.rollouts import Sampling, make_engine
-from align.stages.dpo import unique_prompts
 from align.stages.online import load_reward_fn, prompt_rows
 from align.training import resume_point, save_model
 
