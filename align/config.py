@@ -63,7 +63,6 @@ class TrainStage:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     lora: LoraSettings | None = None  # null trains all weights
-    merge_lora: bool = False  # save base+adapter merged instead of the adapter alone
     gradient_checkpointing: bool = False  # True trades compute for activation memory
     logging_steps: int = 10
     eval_steps: int = 50  # 0 evaluates only at the end
@@ -74,14 +73,24 @@ class TrainStage:
 
 
 @dataclass
-class SFTStage(TrainStage):
+class PolicyStage(TrainStage):
+    """A stage that trains and saves a causal LM (every type but reward, whose model is always saved merged)."""
+
+    merge_lora: bool = False  # save base+adapter merged instead of the adapter alone
+
+
+@dataclass
+class SFTStage(PolicyStage):
     assistant_only_loss: bool = True  # loss on assistant turns (or the completion) only
     packing: bool = False  # pack several short examples into one max_length row
 
 
 @dataclass
 class RewardStage(TrainStage):
-    """Bradley-Terry reward model over TRL's RewardTrainer; a `margin` column in the data is used when present."""
+    """Bradley-Terry reward model over TRL's RewardTrainer; a `margin` column in the data is used when present.
+
+    Its model is always saved with any LoRA merged: the scorer, PPO's value model and `align rollouts` load one
+    plain folder."""
 
     lr: float = 1e-4
     center_rewards: float | None = None  # e.g. 0.01 pushes mean reward towards 0 (TRL center_rewards_coefficient)
@@ -103,7 +112,7 @@ class PolicyEval:
 
 
 @dataclass
-class DPOStage(TrainStage, PolicyEval):
+class DPOStage(PolicyStage, PolicyEval):
     lr: float = 5e-6
     beta: float = 0.1  # higher keeps the policy closer to the reference
     loss_type: DPOLoss = "sigmoid"
@@ -113,7 +122,7 @@ class DPOStage(TrainStage, PolicyEval):
 
 
 @dataclass
-class KTOStage(TrainStage, PolicyEval):
+class KTOStage(PolicyStage, PolicyEval):
     lr: float = 5e-6
     beta: float = 0.1
     desirable_weight: float = 1.0  # raise when thumbs-up rows are rarer than thumbs-down
@@ -121,7 +130,7 @@ class KTOStage(TrainStage, PolicyEval):
 
 
 @dataclass
-class OnlineStage(TrainStage, PolicyEval):
+class OnlineStage(PolicyStage, PolicyEval):
     """Knobs of the online stages (PPO, GRPO, RLOO): prompts in, sampled completions scored by the
     recipe's reward model (and, optionally, a Python function), the policy updated on them."""
 
@@ -135,7 +144,6 @@ class OnlineStage(TrainStage, PolicyEval):
     engine: Literal["hf", "vllm"] = "hf"  # vllm needs a CUDA GPU and `pip install align[vllm]`
     gpu_memory_utilization: float = 0.3  # vLLM's share of GPU memory; the trainer needs the rest
     tensor_parallel_size: int = 1  # vLLM GPUs per engine
-    sync_timeout: float = 120.0  # seconds a policy-weight sync to vLLM may take before the stage fails
 
 
 @dataclass
@@ -162,6 +170,7 @@ class PPOStage(OnlineStage):
     # What the value model's weights start from. `shared`: no second model, a value head on the policy's own
     # last hidden state (one forward and backward per mini-batch instead of two: ~2x faster PPO epochs).
     value_model: Literal["reward", "policy", "shared"] = "reward"
+    sync_timeout: float = 120.0  # engine: vllm: seconds a policy-weight sync may take before the stage fails
 
 
 @dataclass
@@ -184,16 +193,6 @@ class RLOOStage(OnlineStage):
     epsilon: float = 0.2
 
 
-# The stage types a recipe may use.
-STAGE_TYPES: dict[str, type[TrainStage]] = {"sft": SFTStage, "reward": RewardStage, "dpo": DPOStage,
-                                            "kto": KTOStage, "ppo": PPOStage, "grpo": GRPOStage, "rloo": RLOOStage}
-# The data kind (align.data) each stage type reads.
-STAGE_DATA = {"sft": "sft", "reward": "preference", "dpo": "preference", "kto": "kto", "ppo": "prompts",
-              "grpo": "prompts", "rloo": "prompts"}
-# Stage types that sample completions and need a reward model (or reward_fn) to learn from.
-ONLINE_TYPES = ("ppo", "grpo", "rloo")
-
-
 @dataclass
 class Recipe:
     output_dir: str = ""  # defaults to runs/<recipe file name>
@@ -206,8 +205,11 @@ class Recipe:
         return Path(self.output_dir) / name
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    """Read a recipe file, apply `a.b=c` overrides, and check every key and value."""
+def load_recipe(path: str | Path, overrides: list[str] = (), *, stage_types: dict[str, type[TrainStage]]) -> Recipe:
+    """Read a recipe file, apply `a.b=c` overrides, and check every key and value.
+
+    `stage_types`: the config class of each stage type (the pipeline passes `align.stages.STAGES`' classes;
+    `align.stages.load_recipe` does it for you)."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -227,7 +229,8 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     for item in overrides:
         key = apply_override(raw, item)
         from_cli.add(key)
-    recipe = recipe_from_dict(raw, source=str(path), from_cli=from_cli, default_name=path.stem)
+    recipe = recipe_from_dict(raw, stage_types=stage_types, source=str(path), from_cli=from_cli,
+                              default_name=path.stem)
     for stage in recipe.stages.values():
         for key in ("data", "eval_data", "model"):
             setattr(stage, key, _beside(getattr(stage, key), path.parent))
@@ -267,8 +270,8 @@ def apply_override(raw: dict, item: str) -> str:
     return key
 
 
-def recipe_from_dict(raw: dict, source: str = "<recipe>", from_cli: set[str] = frozenset(),
-                     default_name: str = "recipe") -> Recipe:
+def recipe_from_dict(raw: dict, *, stage_types: dict[str, type[TrainStage]], source: str = "<recipe>",
+                     from_cli: set[str] = frozenset(), default_name: str = "recipe") -> Recipe:
     ctx = _Context(source, from_cli)
     stages_raw = raw.get("stages")
     top = {k: v for k, v in raw.items() if k != "stages"}
@@ -288,11 +291,11 @@ def recipe_from_dict(raw: dict, source: str = "<recipe>", from_cli: set[str] = f
         if not isinstance(body, dict):
             raise AlignError(f"{ctx.origin(key)}: '{key}' must be a mapping of stage settings")
         stage_type = str(body.get("type") or name)
-        if stage_type not in STAGE_TYPES:
-            hint = _suggest(stage_type, STAGE_TYPES)
+        if stage_type not in stage_types:
+            hint = _suggest(stage_type, stage_types)
             raise AlignError(f"{ctx.origin(key)}: stage '{name}' has unknown type '{stage_type}'{hint}; "
-                             f"expected one of: {', '.join(STAGE_TYPES)} (set `type:` when the name differs)")
-        stage = _build(STAGE_TYPES[stage_type], body, key, ctx)
+                             f"expected one of: {', '.join(stage_types)} (set `type:` when the name differs)")
+        stage = _build(stage_types[stage_type], body, key, ctx)
         stage.type = stage_type
         if stage.seed is None:
             stage.seed = recipe.seed
@@ -307,10 +310,6 @@ def recipe_from_dict(raw: dict, source: str = "<recipe>", from_cli: set[str] = f
             if str((stages_raw.get(target_name) or {}).get("type") or target_name) != "reward":
                 raise AlignError(f"{ctx.origin(key + '.reward_model')}: '{key}.reward_model' must name a stage "
                                  "of type reward")
-        if stage_type in ONLINE_TYPES and not stage.reward_model and not stage.reward_fn \
-                and not any(recipe.stages[n].type == "reward" for n in seen):
-            raise AlignError(f"{ctx.origin(key)}: stage '{name}' ({stage_type}) needs a reward: an earlier stage of "
-                             f"type reward, '{key}.reward_model: ${{stage}}', or '{key}.reward_fn: module:function'")
         if not 0.0 <= stage.eval_fraction < 1.0:
             raise AlignError(f"{ctx.origin(key + '.eval_fraction')}: '{key}.eval_fraction' must be in [0, 1), "
                              f"got {stage.eval_fraction}")

@@ -14,28 +14,14 @@ import shutil
 from pathlib import Path
 
 from align.artifacts import hash_json, library_versions, now, read_json, write_json
-from align.config import STAGE_DATA, STAGE_REF, Recipe, config_dict
+from align.config import STAGE_REF, Recipe, config_dict
 from align.data import fingerprint
 from align.errors import AlignError
 from align.models import TINY_DEFAULTS, resolve_model, weights_fingerprint
 from align.report import write_report
+from align.stages import STAGES, check_recipe
 
 log = logging.getLogger("align")
-
-
-# A dict of stage types is all the dispatch we need; imports stay lazy so `align --help` is fast.
-STAGE_RUNNERS = {"sft": "align.stages.sft:run", "reward": "align.stages.reward:run", "dpo": "align.stages.dpo:run",
-                 "kto": "align.stages.kto:run", "ppo": "align.stages.ppo:run", "grpo": "align.stages.grpo:run_grpo",
-                 "rloo": "align.stages.grpo:run_rloo"}
-
-
-def stage_runner(stage_type: str):
-    import importlib
-
-    if stage_type not in STAGE_RUNNERS:
-        raise AlignError(f"no runner for stage type '{stage_type}'")
-    module, _, function = STAGE_RUNNERS[stage_type].partition(":")
-    return getattr(importlib.import_module(module), function)
 
 
 def model_input(recipe: Recipe, spec: str) -> tuple[str, dict]:
@@ -87,6 +73,7 @@ def run_recipe(recipe: Recipe, only: list[str] | None = None) -> dict[str, dict]
     unknown = [s for s in (only or []) if s not in recipe.stages]
     if unknown:
         raise AlignError(f"--stage {unknown[0]}: no such stage; the recipe has: {', '.join(recipe.stages)}")
+    check_recipe(recipe)  # every stage, before the first one trains or anything is written
     out = Path(recipe.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "recipe.json", {"name": recipe.name, "seed": recipe.seed, "output_dir": recipe.output_dir,
@@ -136,9 +123,8 @@ def run_stage(recipe: Recipe, name: str) -> dict:
     write_json(manifest_path, manifest)
     log.info("stage %s (%s): model %s, data %s -> %s", name, stage.type, stage.model, stage.data, out_dir)
     try:
-        run = stage_runner(stage.type)
         extra = {"reward_path": reward_path} if reward_path else {}
-        metrics = run(stage, name, out_dir, model_path, **extra)
+        metrics = STAGES[stage.type].run(stage, name, out_dir, model_path, **extra)
     except BaseException as e:
         manifest.update(status="failed", error=f"{e.__class__.__name__}: {e}"[:500], ended_at=now())
         write_json(manifest_path, manifest)
@@ -156,13 +142,11 @@ def run_stage(recipe: Recipe, name: str) -> dict:
 
 
 def plan(recipe: Recipe) -> str:
-    """What `align run` would do, after checking every stage's data files (`--dry-run`)."""
-    from align.data import load_rows
-
+    """What `align run` would do, after every check that needs no weights (`--dry-run`)."""
+    rows = check_recipe(recipe)
     lines = [f"recipe {recipe.name}: output_dir {recipe.output_dir}, seed {recipe.seed}"]
     for name, stage in recipe.stages.items():
-        n = len(load_rows(stage.data, STAGE_DATA[stage.type]))
         manifest = read_json(recipe.stage_dir(name) / "manifest.json") or {}
-        lines.append(f"  {name} ({stage.type}): model {stage.model}, data {stage.data} ({n} rows), "
+        lines.append(f"  {name} ({stage.type}): model {stage.model}, data {stage.data} ({rows[name]} rows), "
                      f"status {manifest.get('status', 'not run')}")
     return "\n".join(lines)

@@ -71,7 +71,7 @@ def child_align(model_path: str, s: dict, out: str) -> None:
     from trl import DPOConfig, DPOTrainer  # noqa: F401  imported before the clock starts, as in child_trl
 
     import align.stages.dpo  # noqa: F401
-    from align.config import recipe_from_dict
+    from align.stages import recipe_from_dict
     from align.runner import run_stage
 
     stage = dict(model=model_path, data=str(Path(out) / "pairs.jsonl"), eval_fraction=0.0, lr=s["lr"],

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from align.config import LoraSettings, Recipe, SFTStage, apply_override, load_recipe, recipe_from_dict
+from align.config import LoraSettings, Recipe, SFTStage, apply_override
+from align.stages import load_recipe, recipe_from_dict
 from align.errors import AlignError
 
 BASIC = """\

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 import torch
 
-from align.config import load_recipe
+from align.stages import load_recipe
 from align.errors import AlignError
 from align.runner import run_recipe
 from conftest import REPO, tiny_pref_stage, tiny_sft_stage, write_recipe

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 from align.artifacts import read_json
-from align.config import recipe_from_dict
+from align.stages import recipe_from_dict
 from align.runner import run_recipe
 from conftest import TINY_PREFS
 from labeling_app.passwords import hash_password

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from align.config import DPO_LOSS_TYPES, load_recipe
+from align.config import DPO_LOSS_TYPES
+from align.stages import load_recipe
 from align.errors import AlignError
 from align.runner import run_recipe
 from conftest import REPO, TINY_PREFS, tiny_pref_stage, write_recipe

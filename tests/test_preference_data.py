@@ -70,7 +70,7 @@ def test_reward_model_from_a_tokenizer_without_pad_token_still_learns(tiny_model
     supplies one and mirrors it onto the model config."""
     import shutil
 
-    from align.config import load_recipe
+    from align.stages import load_recipe
     from align.runner import run_recipe
     from conftest import tiny_pref_stage, write_recipe
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from align.config import load_recipe
+from align.stages import load_recipe
 from align.runner import run_recipe
 from conftest import REPO, tiny_sft_stage, write_recipe
 

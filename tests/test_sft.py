@@ -6,7 +6,7 @@ import torch
 from peft import AutoPeftModelForCausalLM
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from align.config import load_recipe
+from align.stages import load_recipe
 from align.runner import run_recipe
 from conftest import tiny_sft_stage, write_recipe
 

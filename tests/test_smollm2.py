@@ -30,7 +30,7 @@ def test_smollm2_converts_to_a_plain_folder_that_answers():
 
 
 def test_smollm2_lora_sft_lowers_held_out_loss(tmp_path):
-    from align.config import load_recipe
+    from align.stages import load_recipe
     from align.runner import run_recipe
     from conftest import REPO
 
