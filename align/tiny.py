@@ -1,7 +1,7 @@
 """Tiny random-weight causal LMs, built offline in seconds, for tests and quick recipes.
 
 The tokenizer is a byte-level BPE trained with `tokenizers` on a text file shipped
-inside the package (`align/assets/tokenizer_corpus.txt`), so any input encodes and no
+inside the package (`align/tokenizer_corpus.txt`), so any input encodes and no
 network is needed. It carries the ChatML template of `align.chat_template` and the
 special tokens `<|im_start|>`, `<|im_end|>` (EOS), `<|pad|>` and `<|endoftext|>`.
 Both halves reload with plain `AutoTokenizer` / `AutoModelForCausalLM`.
@@ -17,7 +17,7 @@ from pathlib import Path
 from align.chat_template import BOS, CHATML_TEMPLATE, EOS, PAD, SPECIAL_TOKENS
 from align.errors import AlignError
 
-CORPUS = Path(__file__).parent / "assets" / "tokenizer_corpus.txt"
+CORPUS = Path(__file__).parent / "tokenizer_corpus.txt"
 ARCHS = ("llama", "qwen2")
 
 

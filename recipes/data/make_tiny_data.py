@@ -153,7 +153,5 @@ if __name__ == "__main__":
     write_jsonl(HERE / "tiny_prompts.jsonl", distinct_prompts(tiny_prefs))
     write_jsonl(HERE / "concise_sft.jsonl", concise_rows(random.Random(1), 240))
     chatty, prefs = demo_rows(random.Random(4), 160, 240)
-    # `align demo` runs from an installed package, so it carries its own copies.
-    for folder in (HERE, HERE.parents[1] / "align" / "assets"):
-        write_jsonl(folder / "chatty_sft.jsonl", chatty)
-        write_jsonl(folder / "concise_prefs.jsonl", prefs)
+    write_jsonl(HERE / "chatty_sft.jsonl", chatty)
+    write_jsonl(HERE / "concise_prefs.jsonl", prefs)
