@@ -1,6 +1,6 @@
 """Datasets: read, detect the format, validate every row, split.
 
-Formats are TRL's (see DESIGN.md), so Hugging Face datasets work unchanged:
+Formats are TRL's (see ARCHITECTURE.md, "Data formats"), so Hugging Face datasets work unchanged:
 
 - sft: `{"messages": [...]}` or `{"prompt": ..., "completion": ...}` (strings or message lists)
 - preference: `{"prompt": ..., "chosen": ..., "rejected": ...}`

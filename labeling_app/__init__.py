@@ -1,1 +1,1 @@
-"""The Gradio app and its store for collecting human preference pairs (see DESIGN.md)."""
+"""The Gradio app and its store for collecting human preference pairs (see ARCHITECTURE.md)."""

@@ -1,1 +1,1 @@
-"""Reward models: Bradley-Terry training, loading and batch scoring (see DESIGN.md)."""
+"""Reward models: Bradley-Terry training, loading and batch scoring (see ARCHITECTURE.md)."""

@@ -1,6 +1,6 @@
 """`align rollouts`: N completions per prompt, optionally scored by a reward model, as JSONL.
 
-One row per prompt, in the DESIGN rollouts format, which `align label import` reads:
+One row per prompt, in the rollouts format of ARCHITECTURE.md, which `align label import` reads:
 
     {"prompt": ..., "completions": [...], "rewards": [...], "finished": [...],
      "model": M, "engine": "hf", "sampling": {...}}
