@@ -6,15 +6,13 @@ The `reward` stage (`align/stages/reward.py`) trains with these over TRL's `Rewa
 from __future__ import annotations
 
 import copy
-import logging
 
 import torch
 
+from align.data import apply_too_long
 from align.errors import AlignError
 from align.models import adapter_base, load_model, use_bf16
 from reward.score import encode
-
-log = logging.getLogger("align")
 
 
 def init_reward_model(path: str):
@@ -33,25 +31,18 @@ def init_reward_model(path: str):
 
 
 def tokenize_pairs(pairs: list[dict], tokenizer, max_length: int, policy: str, what: str) -> tuple[list[dict], int]:
-    rows, too_long = [], 0
-    for pair in pairs:
-        chosen = encode(tokenizer, pair["prompt"], pair["chosen"])
-        rejected = encode(tokenizer, pair["prompt"], pair["rejected"])
-        if max(len(chosen), len(rejected)) > max_length:
-            too_long += 1
-            if policy == "drop":
-                continue
-            chosen, rejected = chosen[-max_length:], rejected[-max_length:]
-        row = {"chosen_ids": chosen, "rejected_ids": rejected}
+    """Pairs as `{"chosen_ids", "rejected_ids"[, "margin"]}`; over-long pairs follow `too_long` (truncate keeps
+    the last max_length tokens: the end of the response is what the score is read from)."""
+    encoded = [(encode(tokenizer, p["prompt"], p["chosen"]), encode(tokenizer, p["prompt"], p["rejected"]), p)
+               for p in pairs]
+    kept, too_long = apply_too_long(encoded, [max(len(c), len(r)) for c, r, _ in encoded], max_length, policy, what,
+                                    truncated="cut to their last max_length tokens", noun="pairs")
+    rows = []
+    for chosen, rejected, pair in kept:
+        row = {"chosen_ids": chosen[-max_length:], "rejected_ids": rejected[-max_length:]}
         if "margin" in pair:
             row["margin"] = pair["margin"]
         rows.append(row)
-    if too_long:
-        verb = "dropped" if policy == "drop" else "cut to their last max_length tokens"
-        log.warning("%s: %d of %d pairs are longer than max_length=%d tokens and were %s",
-                    what, too_long, len(pairs), max_length, verb)
-    if not rows:
-        raise AlignError(f"{what}: no pairs left after dropping those longer than max_length={max_length}")
     if len({("margin" in r) for r in rows}) > 1:
         raise AlignError(f"{what}: some rows have a 'margin' and some do not; give it on every row or none")
     return rows, too_long

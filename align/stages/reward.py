@@ -16,7 +16,7 @@ from pathlib import Path
 from align.artifacts import StepLog, Timer, save_folder_atomically, write_json
 from align.config import RewardStage
 from align.data import as_preference, load_split
-from align.models import load_tokenizer
+from align.models import apply_lora, load_tokenizer
 from align.training import AlignCallback, finite, train_with_eval, trainer_args
 from reward.score import SCORER_CONFIG
 from reward.train import init_reward_model, tokenize_pairs
@@ -26,7 +26,6 @@ log = logging.getLogger("align")
 
 def run(stage: RewardStage, name: str, out_dir: Path, model_path: str) -> dict:
     from datasets import Dataset
-    from peft import LoraConfig, get_peft_model
     from trl import RewardConfig, RewardTrainer
 
     timer = Timer()
@@ -43,9 +42,7 @@ def run(stage: RewardStage, name: str, out_dir: Path, model_path: str) -> dict:
     model = init_reward_model(model_path)
     model.config.pad_token_id = tokenizer.pad_token_id
     if stage.lora:
-        config = LoraConfig(r=stage.lora.r, lora_alpha=stage.lora.alpha, lora_dropout=stage.lora.dropout,
-                            target_modules=stage.lora.target_modules, task_type="SEQ_CLS")
-        model = get_peft_model(model, config)  # the score head is trained in full (modules_to_save)
+        model = apply_lora(model, stage.lora, task_type="SEQ_CLS")  # the score head trains in full
     step_log = StepLog(out_dir / "log.jsonl")
     args = RewardConfig(**trainer_args(stage, out_dir, has_eval=eval_ds is not None), max_length=None,
                         center_rewards_coefficient=stage.center_rewards, dataset_num_proc=None)

@@ -13,32 +13,11 @@ from pathlib import Path
 
 from align.artifacts import StepLog, Timer
 from align.config import SFTStage
-from align.data import as_messages, load_split
-from align.errors import AlignError
+from align.data import apply_too_long, as_messages, load_split
 from align.models import apply_lora, load_model, load_tokenizer
 from align.training import AlignCallback, finite, save_model, train_with_eval, trainer_args
 
 log = logging.getLogger("align")
-
-
-def limit_length(conversations: list[list[dict]], tokenizer, max_length: int, policy: str,
-                 what: str) -> tuple[list[list[dict]], int]:
-    """Count conversations longer than `max_length` tokens; drop them if the policy says so.
-
-    The trainer truncates the ones that are kept (TRL cuts at `max_length`)."""
-    lengths = [len(tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"])
-               for c in conversations]
-    too_long = sum(n > max_length for n in lengths)
-    if too_long:
-        verb = "dropped" if policy == "drop" else "truncated"
-        log.warning("%s: %d of %d rows are longer than max_length=%d tokens and were %s "
-                    "(too_long: truncate|drop)", what, too_long, len(conversations), max_length, verb)
-    if policy == "drop":
-        conversations = [c for c, n in zip(conversations, lengths) if n <= max_length]
-        if not conversations:
-            raise AlignError(f"{what}: every row is longer than max_length={max_length} tokens; "
-                             "raise max_length or set too_long: truncate")
-    return conversations, too_long
 
 
 def run(stage: SFTStage, name: str, out_dir: Path, model_path: str) -> dict:
@@ -49,11 +28,13 @@ def run(stage: SFTStage, name: str, out_dir: Path, model_path: str) -> dict:
     tokenizer = load_tokenizer(model_path)
 
     train_rows, eval_rows = load_split(stage, "sft", as_messages)
-    train_rows, train_too_long = limit_length(train_rows, tokenizer, stage.max_length, stage.too_long,
-                                              f"{name}: {stage.data}")
+    def fit(rows, what):  # TRL cuts the rows that stay at max_length
+        lengths = [len(tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"]) for c in rows]
+        return apply_too_long(rows, lengths, stage.max_length, stage.too_long, what)
+
+    train_rows, train_too_long = fit(train_rows, f"{name}: {stage.data}")
     if eval_rows:
-        eval_rows, _ = limit_length(eval_rows, tokenizer, stage.max_length, stage.too_long,
-                                    f"{name}: {stage.eval_data or stage.data} (held out)")
+        eval_rows, _ = fit(eval_rows, f"{name}: {stage.eval_data or stage.data} (held out)")
     train_ds = Dataset.from_list([{"messages": m} for m in train_rows])
     eval_ds = Dataset.from_list([{"messages": m} for m in eval_rows]) if eval_rows else None
     log.info("%s: %d training rows, %d held out", name, len(train_ds), len(eval_rows))
