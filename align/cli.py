@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stage", action="append", metavar="NAME",
                      help="run only this stage (repeatable); earlier stages must be complete")
     run.add_argument("--dry-run", action="store_true", help="check the recipe and data, print the plan, train nothing")
+    run.add_argument("-v", "--verbose", action="store_true",
+                     help="also show on the terminal what goes to each stage's run.log: the trainer's per-step "
+                          "metrics, library log records, warnings and data-processing bars")
 
     tiny = sub.add_parser(
         "tiny-model", help="build a tiny random-weight model and tokenizer, offline",
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    setup_logging(args.quiet)
+    setup_logging(args.quiet, getattr(args, "verbose", False))
     try:
         if args.command == "run":
             return cmd_run(args)
@@ -133,16 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def setup_logging(quiet: bool) -> None:
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
-                        format="align: %(message)s", stream=sys.stderr)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        import transformers
+def setup_logging(quiet: bool, verbose: bool = False) -> None:
+    from align.console import configure
 
-        transformers.logging.set_verbosity_error()
-    except ImportError:
-        pass
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    configure(verbose=verbose, quiet=quiet)
 
 
 def cmd_run(args) -> int:

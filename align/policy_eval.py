@@ -52,3 +52,51 @@ def reward_report(reward_path: str, prompts: list, before: list[str], after: lis
         "eval_len_after": sum(len(a.split()) for a in after) / n,
         "eval_prompts": n,
     }
+
+
+class BeforeAfter:
+    """The before/after report of a policy stage, in one place for DPO, KTO, PPO, GRPO and RLOO.
+
+        report = BeforeAfter(stage, name, held_rows, out_dir, reward_path)
+        report.before(model, tokenizer)            # the starting policy, before any update
+        ...train...
+        metrics.update(report.after(model, tokenizer))
+
+    Greedy answers to up to `stage.eval_prompts` distinct held-out prompts, scored by the recipe's
+    reward model (`scorer`: one the stage already holds) and, when given, by `reward_fn`."""
+
+    def __init__(self, stage, name: str, held_rows: list[dict], out_dir: Path, reward_path: str | None,
+                 scorer=None, reward_fn=None):
+        from align.data import unique_prompts
+
+        self.prompts = unique_prompts(held_rows, stage.eval_prompts)
+        self.max_new_tokens = stage.max_new_tokens
+        self.out_dir, self.reward_path, self.scorer, self.reward_fn = out_dir, reward_path, scorer, reward_fn
+        self.active = bool(self.prompts) and (reward_path is not None or reward_fn is not None)
+        self.before_texts: list[str] | None = None
+        if not self.prompts and (reward_path or reward_fn):
+            log.warning("%s: no held-out prompts, so no before/after reward evaluation (set eval_fraction > 0)", name)
+
+    def before(self, model, tokenizer) -> None:
+        if self.active:
+            self.before_texts = completions_before(model, tokenizer, self.prompts, self.out_dir, self.max_new_tokens)
+
+    def after(self, model, tokenizer) -> dict:
+        if not self.active or self.before_texts is None:
+            return {}
+        after = greedy_completions(model, tokenizer, self.prompts, max_new_tokens=self.max_new_tokens)
+        metrics = {}
+        if self.reward_path:
+            metrics.update(reward_report(self.reward_path, self.prompts, self.before_texts, after, self.out_dir,
+                                         scorer=self.scorer))
+        if self.reward_fn is not None:
+            metrics["eval_reward_fn_before"] = mean_finite(self.reward_fn(self.prompts, self.before_texts))
+            metrics["eval_reward_fn_after"] = mean_finite(self.reward_fn(self.prompts, after))
+        return metrics
+
+
+def mean_finite(values) -> float | None:
+    import math
+
+    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return sum(finite) / len(finite) if finite else None

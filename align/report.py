@@ -1,4 +1,5 @@
-"""`report.md`: what a run did, one section per stage, with training curves."""
+"""`report.md`: what a run did. A summary table first (per stage the few numbers that say whether it
+worked, before -> after), then one section per stage with its training curves and final metrics."""
 
 from __future__ import annotations
 
@@ -6,12 +7,49 @@ from pathlib import Path
 
 from align.artifacts import read_json, write_text
 from align.config import Recipe
+from align.stages import STAGES
+
+LABELS = {"eval_reward": "reward-model score", "eval_win_rate": "win rate", "kl_last": "KL"}
+
+# Trainer counters that stay in metrics.json but tell a reader nothing.
+UNREAD = {"total_flos", "train_runtime", "train_samples_per_second", "train_steps_per_second", "epoch",
+          "num_tokens", "num_input_tokens_seen"}
 
 
-# Per-step series worth a plot, by stage type: what falls (loss) and what the stage is for.
-PLOTTED = {"sft": ["loss", "eval_loss"], "reward": ["loss", "accuracy"], "kto": ["loss", "rewards/chosen"],
-           "dpo": ["loss", "rewards/margins", "rewards/accuracies"], "ppo": ["reward", "kl", "value_loss"],
-           "grpo": ["reward", "kl", "loss"], "rloo": ["reward", "kl", "loss"]}
+def _number(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def headline(stage_type: str, metrics: dict) -> str:
+    """The stage's few numbers in words, e.g. "loss 6.196 → 0.7269"; the train loss when it has none."""
+    keys = list(STAGES[stage_type].headline)  # `X_before` then `X` or `X_after`: one "before -> after" pair
+    parts = []
+    for i, key in enumerate(keys):
+        if key.endswith("_before") or metrics.get(key) is None:
+            continue  # a "_before" key is shown with the key after it
+        before = keys[i - 1] if i and keys[i - 1].endswith("_before") else None
+        base = before.removesuffix("_before") if before else key
+        value = _number(metrics[key])
+        if before and metrics.get(before) is not None:
+            value = f"{_number(metrics[before])} → {value}"
+        parts.append(f"{LABELS.get(base, base.removeprefix('eval_').replace('_', ' '))} {value}")
+    if not parts and isinstance(metrics.get("train_loss"), float):
+        parts.append(f"train loss {metrics['train_loss']:.4g}")
+    return "; ".join(parts)
+
+
+def summary_line(stage_type: str, metrics: dict) -> str:
+    """What the runner prints when a stage ends: minutes and the headline numbers."""
+    minutes = f"{metrics['seconds'] / 60:.1f} min" if isinstance(metrics.get("seconds"), (int, float)) else ""
+    return ", ".join(p for p in (minutes, headline(stage_type, metrics)) if p)
+
+
+def last_logged(stage_dir: Path, key: str):
+    """The last value of `key` in log.jsonl (GRPO and RLOO log a per-step KL but write no kl_last)."""
+    from align.artifacts import StepLog
+
+    values = [r[key] for r in StepLog(stage_dir / "log.jsonl").read() if isinstance(r.get(key), (int, float))]
+    return values[-1] if values else None
 
 
 def plot_stage(stage_dir: Path, stage_type: str) -> str | None:
@@ -20,7 +58,7 @@ def plot_stage(stage_dir: Path, stage_type: str) -> str | None:
 
     rows = StepLog(stage_dir / "log.jsonl").read()
     series = {k: [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))]
-              for k in PLOTTED.get(stage_type, ["loss"])}
+              for k in STAGES[stage_type].plotted}
     series = {k: v for k, v in series.items() if len(v) > 1}
     if not series:
         return None
@@ -46,20 +84,29 @@ def plot_stage(stage_dir: Path, stage_type: str) -> str | None:
 
 
 def write_report(recipe: Recipe) -> None:
-    """`report.md`: one section per stage with its status, final metrics and training curves."""
-    lines = [f"# {recipe.name}", "", f"Output: `{recipe.output_dir}`", ""]
+    """`report.md`: the summary table, then one section per stage with its curves and final metrics."""
+    table = ["| stage | type | status | results (before → after) | minutes |", "|---|---|---|---|---|"]
+    sections = []
     for name in recipe.stages:
-        d = recipe.stage_dir(name)
+        d, stage_type = recipe.stage_dir(name), recipe.stages[name].type
         manifest = read_json(d / "manifest.json") or {}
         metrics = read_json(d / "metrics.json") or {}
-        lines += [f"## {name} ({recipe.stages[name].type})", "",
-                  f"status: {manifest.get('status', 'not run')}; started {manifest.get('started_at')}, "
-                  f"ended {manifest.get('ended_at')}", ""]
-        image = plot_stage(d, recipe.stages[name].type) if metrics else None
+        if metrics and "kl_last" in STAGES[stage_type].headline and "kl_last" not in metrics:
+            metrics["kl_last"] = last_logged(d, "kl")
+        minutes = f"{metrics['seconds'] / 60:.1f}" if isinstance(metrics.get("seconds"), (int, float)) else ""
+        table.append(f"| {name} | {stage_type} | {manifest.get('status', 'not run')} | "
+                     f"{headline(stage_type, metrics) if metrics else ''} | {minutes} |")
+
+        sections += [f"## {name} ({stage_type})", "",
+                     (f"status: {manifest.get('status', 'not run')}; started {manifest.get('started_at')}, "
+                      f"ended {manifest.get('ended_at')}"), ""]
+        image = plot_stage(d, stage_type) if metrics else None
         if image:
-            lines += [f"![{name} curves]({image})", ""]
-        if metrics:
-            lines += ["| metric | value |", "|---|---|"]
-            lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
-            lines.append("")
+            sections += [f"![{name} curves]({image})", ""]
+        shown = {k: v for k, v in metrics.items() if k not in UNREAD and v is not None}
+        if shown:
+            sections += ["| metric | value |", "|---|---|"]
+            sections += [f"| {k} | {_number(v)} |" for k, v in shown.items()]
+            sections.append("")
+    lines = [f"# {recipe.name}", "", f"Output: `{recipe.output_dir}`", "", *table, "", *sections]
     write_text(Path(recipe.output_dir) / "report.md", "\n".join(lines))

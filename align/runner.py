@@ -15,10 +15,11 @@ from pathlib import Path
 
 from align.artifacts import hash_json, library_versions, now, read_json, write_json
 from align.config import STAGE_REF, Recipe, config_dict
+from align.console import capture_stage_output
 from align.data import fingerprint
 from align.errors import AlignError
 from align.models import TINY_DEFAULTS, resolve_model, weights_fingerprint
-from align.report import write_report
+from align.report import summary_line, write_report
 from align.stages import STAGES, check_recipe
 
 log = logging.getLogger("align")
@@ -124,7 +125,8 @@ def run_stage(recipe: Recipe, name: str) -> dict:
     log.info("stage %s (%s): model %s, data %s -> %s", name, stage.type, stage.model, stage.data, out_dir)
     try:
         extra = {"reward_path": reward_path} if reward_path else {}
-        metrics = STAGES[stage.type].run(stage, name, out_dir, model_path, **extra)
+        with capture_stage_output(out_dir):  # library logs, warnings and per-step dicts -> out_dir/run.log
+            metrics = STAGES[stage.type].run(stage, name, out_dir, model_path, **extra)
     except BaseException as e:
         manifest.update(status="failed", error=f"{e.__class__.__name__}: {e}"[:500], ended_at=now())
         write_json(manifest_path, manifest)
@@ -132,12 +134,7 @@ def run_stage(recipe: Recipe, name: str) -> dict:
     write_json(out_dir / "metrics.json", metrics)
     manifest.update(status="complete", ended_at=now())
     write_json(manifest_path, manifest)
-    summary = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
-                        if k in ("train_loss", "eval_loss_before", "eval_loss", "eval_accuracy",
-                                 "eval_rewards/accuracies", "eval_reward_before", "eval_reward_after",
-                                 "eval_win_rate", "train_reward_first", "train_reward_last", "kl_last")
-                        and isinstance(v, float))
-    log.info("stage %s: complete (%s)", name, summary)
+    log.info("stage %s: complete, %s", name, summary_line(stage.type, metrics))
     return metrics
 
 

@@ -19,6 +19,7 @@ from transformers import TrainerCallback
 from align.artifacts import (CHECKPOINT_OK, StepLog, complete_checkpoints, drop_incomplete_checkpoints,
                              peak_rss_mb, read_json, save_folder_atomically, write_json)
 from align.config import TrainStage
+from align.console import progress_bar
 from align.models import use_bf16
 
 log = logging.getLogger("align")
@@ -59,22 +60,36 @@ def trainer_args(stage: TrainStage, out_dir: Path, has_eval: bool) -> dict:
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
-        disable_tqdm=False,
+        disable_tqdm=True,  # AlignCallback draws the bar; the per-step dicts go to run.log (align.console)
         save_only_model=False,  # optimizer, scheduler and RNG go into checkpoints: resume is exact
     )
 
 
 class AlignCallback(TrainerCallback):
-    """Writes `log.jsonl` (with tokens/s and peak memory) and marks finished checkpoints."""
+    """Writes `log.jsonl` (with tokens/s and peak memory), marks finished checkpoints and draws the
+    stage's progress bar (loss, tokens/s, ETA) in place of transformers' own bar and dicts."""
 
     def __init__(self, step_log: StepLog):
         self.step_log = step_log
         self.last_time = None
         self.last_tokens = 0
+        self.bar = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.last_time = time.perf_counter()
         self.last_tokens = state.num_input_tokens_seen or 0
+        if state.is_world_process_zero:
+            # global_step is already the checkpoint's on resume; out_dir/checkpoints names the stage.
+            self.bar = progress_bar(Path(args.output_dir).parent.name, state.max_steps, initial=state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs:
@@ -85,6 +100,8 @@ class AlignCallback(TrainerCallback):
         if "loss" in logs and t > self.last_time:
             record["tokens_per_s"] = round((tokens - self.last_tokens) / (t - self.last_time), 1)
             self.last_time, self.last_tokens = t, tokens
+            if self.bar is not None and isinstance(logs["loss"], (int, float)):
+                self.bar.set_postfix({"loss": f"{logs['loss']:.4g}", "tok/s": f"{record['tokens_per_s']:.0f}"})
         record["peak_rss_mb"] = round(peak_rss_mb(), 1)
         import torch
 

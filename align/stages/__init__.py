@@ -44,7 +44,7 @@ STAGES: dict[str, StageSpec] = {
     "sft": StageSpec(SFTStage, "sft", "align.stages.sft:run", plotted=("loss", "eval_loss"),
                      headline=("eval_loss_before", "eval_loss")),
     "reward": StageSpec(RewardStage, "preference", "align.stages.reward:run", plotted=("loss", "accuracy"),
-                        headline=("eval_accuracy_before", "eval_accuracy", "eval_loss")),
+                        headline=("eval_accuracy_before", "eval_accuracy", "eval_loss_before", "eval_loss")),
     "dpo": StageSpec(DPOStage, "preference", "align.stages.dpo:run",
                      plotted=("loss", "rewards/margins", "rewards/accuracies"),
                      headline=("eval_rewards/accuracies_before", "eval_rewards/accuracies", "eval_loss_before",
