@@ -30,7 +30,7 @@ log = logging.getLogger("align")
 @torch.no_grad()
 def sequence_kl(policy, baseline, tokenizer, prompts: list, max_new_tokens: int, seed: int) -> float:
     """Mean over prompts of Σ_t log π(y_t) - log π_base(y_t), y sampled from π."""
-    from align.stages.ppo import completion_logits, pack, token_logps
+    from align.sequences import completion_logits, pack, token_logps
 
     groups = make_engine("hf", policy, tokenizer).generate(
         prompts, n=1, sampling=Sampling(max_new_tokens=max_new_tokens, seed=seed), return_logps=True)

@@ -1,5 +1,6 @@
-"""The RL math, as pure functions over tensors: masked statistics, KL estimators, GAE, and the
-PPO policy and value losses; plus the Bradley-Terry loss the reward stage trains with.
+"""The RL math, as pure functions over tensors: masked statistics, KL estimators, the KL-shaped
+per-token reward, GAE, and the PPO policy and value losses; plus the Bradley-Terry loss the
+reward stage trains with.
 
 Only torch is imported, so the tests (tests/test_losses.py, values worked out by hand) run
 in milliseconds without a model. Shapes: B sequences, T completion tokens; `mask` is 1 on
@@ -55,6 +56,27 @@ def kl_estimate(logps: torch.Tensor, ref_logps: torch.Tensor, kind: str = "k1") 
     if kind == "k3":
         return torch.expm1(log_ratio) - log_ratio
     raise ValueError(f"unknown KL estimator {kind!r}; expected k1, k2 or k3")
+
+
+def ppo_rewards(scores: torch.Tensor, logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor,
+                finished: torch.Tensor, kl_coef: float, estimator: str = "k1",
+                missing_eos_penalty: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token rewards of RLHF-PPO (Ziegler et al. 2019, eq. 2; Ouyang et al. 2022, eq. 2), as in
+    torchtune's `rlhf.get_rewards_ppo`.
+
+    s' = s - penalty · [row did not reach EOS]
+    kl_t = KL estimate at token t (`kl_estimate(logps, ref_logps, estimator)`), 0 on padding
+    r_t = -β · kl_t, plus s' at the row's last real token
+
+    scores, finished (bool): (B,); logps, ref_logps, mask: (B, T). Returns (rewards (B, T),
+    kl (B, T), s' (B,)). A row with no real token gets no reward at all."""
+    penalized = scores - missing_eos_penalty * (~finished).to(scores.dtype)
+    kl = kl_estimate(logps, ref_logps, estimator) * mask
+    rewards = -kl_coef * kl
+    rows = torch.arange(len(scores), device=scores.device)
+    last = (mask.sum(1).long() - 1).clamp(min=0)  # right padding: the last real token
+    rewards[rows, last] += penalized * mask[rows, last]
+    return rewards, kl, penalized
 
 
 def adaptive_kl_coef(coef: float, kl: float, target: float, n_samples: int, horizon: int) -> float:

@@ -5,8 +5,18 @@ import math
 import pytest
 import torch
 
-from align.losses import (bradley_terry_loss, entropy_from_logits, explained_variance, gae, kl_estimate,
-                          masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss)
+from align.losses import (
+    bradley_terry_loss,
+    entropy_from_logits,
+    explained_variance,
+    gae,
+    kl_estimate,
+    masked_mean,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_rewards,
+    ppo_value_loss,
+)
 
 T = torch.tensor
 
@@ -149,3 +159,47 @@ def test_adaptive_kl_coef_by_hand():
     assert adaptive_kl_coef(0.1, 9.0, 6.0, 64, 10000) == pytest.approx(0.100128)
     assert adaptive_kl_coef(0.1, 3.0, 6.0, 64, 10000) == pytest.approx(0.099872)
     assert adaptive_kl_coef(0.1, 6.0, 6.0, 64, 10000) == 0.1
+
+
+def test_ppo_rewards_by_hand():
+    """β = .1, k1, penalty .5. Row 0 finished, 3 tokens: kl = logps - ref = [.5, 0, -1], rewards
+    -β·kl = [-.05, 0, .1] plus s = 1 at token 2 -> [-.05, 0, 1.1]. Row 1 never reached EOS, 2 tokens and
+    one padding column (junk log-probs there): s' = 2 - .5 = 1.5, kl = [-.5, 0, 0], rewards [.05, 1.5, 0]."""
+    logps = T([[-1.0, -2.0, -3.0], [-1.0, -1.0, 5.0]])
+    ref = T([[-1.5, -2.0, -2.0], [-0.5, -1.0, -5.0]])
+    mask = T([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    rewards, kl, scores = ppo_rewards(T([1.0, 2.0]), logps, ref, mask, T([True, False]), kl_coef=0.1,
+                                      estimator="k1", missing_eos_penalty=0.5)
+    assert scores.tolist() == pytest.approx([1.0, 1.5])
+    assert kl.tolist() == [pytest.approx([0.5, 0.0, -1.0]), pytest.approx([-0.5, 0.0, 0.0])]
+    assert rewards.tolist() == [pytest.approx([-0.05, 0.0, 1.1]), pytest.approx([0.05, 1.5, 0.0])]
+
+
+def test_ppo_rewards_k3_one_token_row():
+    """One token, log π = -1, log π_ref = -1.5: r = -.5, k3 = e^-.5 - 1 + .5 = .106531; β = .2:
+    reward = -.2·.106531 + s (= 3) = 2.978694."""
+    rewards, kl, scores = ppo_rewards(T([3.0]), T([[-1.0]]), T([[-1.5]]), T([[1.0]]), T([True]), kl_coef=0.2,
+                                      estimator="k3", missing_eos_penalty=1.0)
+    assert kl.item() == pytest.approx(0.106531, abs=1e-6)
+    assert rewards.item() == pytest.approx(2.978694, abs=1e-6)
+    assert scores.tolist() == [3.0]
+
+
+def test_ppo_rewards_all_masked_row_gets_nothing():
+    """A row with no real token: no KL, no reward anywhere (its score is still returned, penalized)."""
+    rewards, kl, scores = ppo_rewards(T([3.0]), T([[-1.0, -2.0]]), T([[-4.0, 0.0]]), torch.zeros(1, 2), T([False]),
+                                      kl_coef=0.1, missing_eos_penalty=1.0)
+    assert rewards.tolist() == [[0.0, 0.0]] and kl.tolist() == [[0.0, 0.0]]
+    assert scores.tolist() == [2.0]
+
+
+def test_missing_eos_penalty_hits_only_unfinished_rows():
+    """s = [1, 1, 1], finished [yes, no, yes], penalty 2 -> s' = [1, -1, 1]; with logps = ref the KL term is 0,
+    so each row's reward is s' at its last token. Penalty 0 leaves the scores alone."""
+    zeros, mask = torch.zeros(3, 2), T([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
+    finished = T([True, False, True])
+    rewards, _, scores = ppo_rewards(T([1.0, 1.0, 1.0]), zeros, zeros, mask, finished, 0.1, missing_eos_penalty=2.0)
+    assert scores.tolist() == [1.0, -1.0, 1.0]
+    assert rewards.tolist() == [[0.0, 1.0], [-1.0, 0.0], [0.0, 1.0]]
+    _, _, scores = ppo_rewards(T([1.0, 1.0, 1.0]), zeros, zeros, mask, finished, 0.1, missing_eos_penalty=0.0)
+    assert scores.tolist() == [1.0, 1.0, 1.0]

@@ -9,11 +9,11 @@ import subprocess
 import time
 
 import pytest
+from conftest import REPO
 
-from align.config import load_recipe
 from align.errors import AlignError
 from align.runner import run_recipe
-from conftest import REPO
+from align.stages import load_recipe
 
 RECIPE = REPO / "recipes" / "tiny-sft-rm-ppo.yaml"
 STEP_KEYS = ("reward", "kl", "entropy", "clip_frac", "approx_kl", "value_loss", "explained_variance",
@@ -52,9 +52,17 @@ def test_ppo_raises_the_held_out_reward_with_bounded_kl(pipeline):
     assert [r["step"] for r in rows] == list(range(1, 21))
     for key in STEP_KEYS:
         assert all(isinstance(r[key], float) for r in rows), key
+    # The reference is the starting policy: before the first update they agree up to float error.
+    assert abs(rows[0]["kl"]) < 1e-3
+    # eval_steps (50) > max_steps: the held-out reward is measured once, at the end.
+    assert [r["step"] for r in rows if "eval_reward" in r] == [20]
+    assert rows[-1]["eval_reward"] == pytest.approx(ppo["eval_reward_after"])
     # What the reward model was taught: the SFT habit "I hope this helps!" goes away.
     samples = [json.loads(line) for line in (out / "ppo" / "samples.jsonl").read_text().splitlines()]
-    with_filler = lambda key: sum("I hope this helps" in s[key] for s in samples)  # noqa: E731
+
+    def with_filler(key):
+        return sum("I hope this helps" in s[key] for s in samples)
+
     assert with_filler("before") >= len(samples) // 2
     assert with_filler("after") <= len(samples) // 10
     assert len({json.dumps(s["prompt"]) for s in samples}) == len(samples)
@@ -77,7 +85,7 @@ def test_killed_ppo_resumes_and_matches_an_uninterrupted_run(pipeline, tmp_path,
     proc.wait()
     assert json.loads((killed / "ppo" / "manifest.json").read_text())["status"] == "running"
 
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr[-2000:]
     metrics = json.loads((killed / "ppo" / "metrics.json").read_text())
     assert metrics["resumed_from_step"] in (3, 6)
@@ -146,10 +154,10 @@ def test_bad_prompt_sets_end_with_one_line(pipeline, tmp_path, python):
     empty.write_text("")
     out = fresh_copy(pipeline, tmp_path)
     r = subprocess.run([python, "-m", "align", "run", str(RECIPE), f"output_dir={out}", f"stages.ppo.data={empty}"],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, check=False)
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1] == f"align: error: {empty}: dataset is empty; expected rows like " \
-                                                "{'prompt': ...}"
+    assert r.stderr.strip().splitlines()[-1] == f"align: error: stages.ppo.data: {empty}: dataset is empty; " \
+                                                "expected rows like {'prompt': ...}"
 
     too_long = load_recipe(RECIPE, [f"output_dir={out}", "stages.ppo.max_length=26", "stages.ppo.too_long=drop"])
     with pytest.raises(AlignError, match=r"no prompts to train on \(\d+ longer than max_length - response_length\)"):
@@ -158,7 +166,7 @@ def test_bad_prompt_sets_end_with_one_line(pipeline, tmp_path, python):
 
     r = subprocess.run([python, "-m", "align", "run", str(RECIPE), f"output_dir={out}",
                         "stages.ppo.reward_fn=ppo_reward_fns:not_a_function"], capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": str(REPO / "tests")})
+                       check=False, env={**os.environ, "PYTHONPATH": str(REPO / "tests")})
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1] == ("align: error: stages.ppo.reward_fn: 'ppo_reward_fns:not_a_function' "
                                                  "is a int, not a function; expected function(prompts, completions) "
@@ -173,7 +181,7 @@ def test_align_eval_judges_the_ppo_policy_against_sft(pipeline, tmp_path, python
         r = subprocess.run([python, "-m", "align", "eval", "--policy", str(out / policy / "model"), "--baseline",
                             str(out / "sft" / "model"), "--reward-model", str(out / "reward" / "model"),
                             "--prompts", prompts, "--max-prompts", "24", "--out", str(tmp_path / name)],
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, check=False)
         assert r.returncode == 0, r.stderr[-2000:]
         assert "win rate" in r.stdout
         return json.loads((tmp_path / name).read_text())
@@ -194,3 +202,82 @@ def test_shared_value_head_learns_without_a_second_model(pipeline, tmp_path):
     assert metrics["value_model_from"] == "shared"
     assert metrics["eval_reward_after"] > metrics["eval_reward_before"] + 1.0
     assert all(r["value_loss"] == r["value_loss"] for r in log_rows(out))  # the head trains, nothing NaN
+
+
+def test_logging_steps_eval_steps_and_tensorboard(pipeline, tmp_path):
+    """logging_steps=2 writes steps 1 (always), 2, 4 and 5 (the last), each the mean of the steps since the
+    last record; eval_steps=2 adds eval_reward at 2, 4 and the end; TensorBoard gets the same scalars. The
+    first five steps are the fixture's (same seed, constant lr), so its per-step rows give the means."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = fresh_copy(pipeline, tmp_path)
+    metrics = run_recipe(load_recipe(RECIPE, [f"output_dir={out}", "stages.ppo.max_steps=5",
+                                              "stages.ppo.logging_steps=2", "stages.ppo.eval_steps=2",
+                                              "stages.ppo.eval_prompts=4", "stages.ppo.report_to=tensorboard"]))["ppo"]
+    rows, every_step = log_rows(out), log_rows(pipeline[0])
+    assert [r["step"] for r in rows] == [1, 2, 4, 5]
+    assert [r["step"] for r in rows if "eval_reward" in r] == [2, 4, 5]
+    assert rows[-1]["eval_reward"] == pytest.approx(metrics["eval_reward_after"])
+    for row, steps in zip(rows, ([1], [2], [3, 4], [5])):
+        for key in ("reward", "kl"):
+            expected = sum(every_step[s - 1][key] for s in steps) / len(steps)
+            assert row[key] == pytest.approx(expected, abs=1e-4), (row["step"], key)
+    events = EventAccumulator(str(out / "ppo" / "tensorboard"))
+    events.Reload()
+    for key in ("reward", "kl", "tokens_per_s", "policy_loss"):
+        assert [(e.step, e.value) for e in events.Scalars(key)] == [
+            (r["step"], pytest.approx(r[key], rel=1e-5)) for r in rows], key
+    assert [e.step for e in events.Scalars("eval_reward")] == [2, 4, 5]
+
+
+def test_log_window_is_saved_with_the_checkpoint(tmp_path):
+    """logging_steps=2 over 5 steps with a kill after the checkpoint at step 3: step 3 waits in the window,
+    the checkpoint keeps it, and the resumed run writes step 4 as the mean of 3 and 4 (lr and kl_coef: the
+    last value, peak memory: the max). A record the killed run wrote past the checkpoint is dropped."""
+    from types import SimpleNamespace
+
+    from align.stages.ppo import StepRecords, due
+
+    stage = SimpleNamespace(logging_steps=2, report_to="none")
+
+    def rec(s):
+        return {"step": s, "reward": float(s), "lr": s / 10, "kl_coef": s / 100, "peak_rss_mb": 10.0 * s}
+
+    records = StepRecords(tmp_path, stage, 0, [])
+    for s in (1, 2, 3):
+        records.add(rec(s), last_step=5)
+    saved_window = list(records.window)
+    records.add(rec(4), last_step=5)  # written, then the process is killed
+    resumed = StepRecords(tmp_path, stage, 3, saved_window)
+    for s in (4, 5):
+        resumed.add(rec(s), last_step=5)
+    resumed.close()
+    rows = log_rows(tmp_path, stage=".")
+    assert rows == [rec(1), rec(2), {"step": 4, "reward": 3.5, "lr": 0.4, "kl_coef": 0.04, "peak_rss_mb": 40.0},
+                    rec(5)]
+    # eval_steps / logging_steps schedule: every N steps and the last; 0 means the last only
+    assert [s for s in range(1, 8) if due(s, 3, 7)] == [3, 6, 7]
+    assert [s for s in range(1, 8) if due(s, 0, 7)] == [7]
+
+
+def test_resume_refuses_a_checkpoint_whose_keys_do_not_fit(tmp_path):
+    """The saved trainable weights must be exactly the model's trainable ones: a missing or unexpected key
+    (say a LoRA checkpoint resumed without lora) is an error naming the checkpoint and the key."""
+    import torch
+
+    from align.stages.ppo import load_trainable, trainable_state
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    model[0].requires_grad_(False)  # frozen: not saved, not expected
+    saved = {k: torch.full_like(v, 0.5) for k, v in trainable_state(model).items()}
+    assert sorted(saved) == ["1.bias", "1.weight"]
+    load_trainable(model, saved, tmp_path, "policy")
+    assert model[1].weight.tolist() == [[0.5, 0.5]] and model[1].bias.tolist() == [0.5]
+
+    ckpt = tmp_path / "checkpoint-3"
+    with pytest.raises(AlignError, match=rf"{ckpt}: the saved policy weights .*missing '1.bias'; 1 missing"):
+        load_trainable(model, {"1.weight": saved["1.weight"]}, ckpt, "policy")
+    with pytest.raises(AlignError, match=rf"{ckpt}: the saved value model weights .*unexpected '0.weight'"):
+        load_trainable(model, {**saved, "0.weight": torch.zeros(2, 2)}, ckpt, "value model")
+    with pytest.raises(AlignError, match=r"'1.weight' has shape \(1, 3\)"):
+        load_trainable(model, {**saved, "1.weight": torch.zeros(1, 3)}, ckpt, "policy")
