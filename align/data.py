@@ -383,23 +383,25 @@ def load_split(stage, kind: str, convert=lambda row: row) -> tuple[list, list]:
 
 
 def apply_too_long(rows: list, lengths: list[int], max_length: int, policy: str, what: str,
-                   truncated: str = "truncated", noun: str = "rows") -> tuple[list, int]:
+                   truncated: str = "truncated", noun: str = "rows", limit_name: str = "max_length",
+                   required: bool = True) -> tuple[list, int]:
     """The one `too_long` policy of every stage: (the rows to train on, how many were over `max_length`).
 
     `lengths` are the rows' token counts as the stage renders them. Over-long rows are counted and
     warned about in one line; with `drop` they are left out (none left is an error), with `truncate`
-    they stay and the stage cuts them (`truncated` says how, for the warning)."""
+    they stay and the stage cuts them (`truncated` says how, for the warning). `required=False`: an empty
+    result is the caller's to judge (a held-out set may end up empty)."""
     over = [n > max_length for n in lengths]
     n_over = sum(over)
     if n_over:
         verb = "dropped" if policy == "drop" else truncated
-        log.warning("%s: %d of %d %s are longer than max_length=%d tokens and were %s (too_long: truncate|drop)",
-                    what, n_over, len(rows), noun, max_length, verb)
+        log.warning("%s: %d of %d %s are longer than %s=%d tokens and were %s (too_long: truncate|drop)",
+                    what, n_over, len(rows), noun, limit_name, max_length, verb)
     if policy == "drop":
         rows = [r for r, o in zip(rows, over) if not o]
-        if not rows:
-            raise AlignError(f"{what}: every one of the {len(over)} {noun} is longer than max_length={max_length} "
-                             "tokens; raise max_length or set too_long: truncate")
+        if not rows and required:
+            raise AlignError(f"{what}: every one of the {len(over)} {noun} is longer than {limit_name}={max_length} "
+                             f"tokens; raise {limit_name} or set too_long: truncate")
     return rows, n_over
 
 

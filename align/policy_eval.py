@@ -81,10 +81,12 @@ class BeforeAfter:
         if self.active:
             self.before_texts = completions_before(model, tokenizer, self.prompts, self.out_dir, self.max_new_tokens)
 
-    def after(self, model, tokenizer) -> dict:
+    def after(self, model, tokenizer, texts: list[str] | None = None) -> dict:
+        """The report's metrics; `texts`: the trained policy's greedy answers when the stage already has them."""
         if not self.active or self.before_texts is None:
             return {}
-        after = greedy_completions(model, tokenizer, self.prompts, max_new_tokens=self.max_new_tokens)
+        after = texts if texts is not None else greedy_completions(model, tokenizer, self.prompts,
+                                                                    max_new_tokens=self.max_new_tokens)
         metrics = {}
         if self.reward_path:
             metrics.update(reward_report(self.reward_path, self.prompts, self.before_texts, after, self.out_dir,

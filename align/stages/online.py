@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from align.data import as_turns, load_split
+from align.data import apply_too_long, as_turns, load_split
 from align.errors import AlignError
 
 log = logging.getLogger("align")
@@ -55,23 +55,18 @@ def prompt_rows(stage, name: str, tokenizer) -> tuple[list[dict], list[dict], in
         return len(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
                                                  return_dict=True)["input_ids"])
 
-    def fit(rows: list[dict]) -> tuple[list[dict], int]:
-        out = []
-        for row in rows:
-            prompt = row["prompt"]
-            if length(prompt) > limit:
-                prompt = keep_end(prompt, tokenizer, limit, length) if stage.too_long == "truncate" else None
-            if prompt is not None:
-                out.append({"prompt": prompt})
-        return out, sum(length(r["prompt"]) > limit for r in rows)
+    def fit(rows: list[dict], what: str) -> tuple[list[dict], int]:
+        lengths = [length(r["prompt"]) for r in rows]
+        kept, n_over = apply_too_long(list(zip(rows, lengths)), lengths, limit, stage.too_long, what,
+                                      truncated="cut from the left", noun="prompts",
+                                      limit_name="max_length - response_length", required=False)
+        out = [{"prompt": keep_end(r["prompt"], tokenizer, limit, length) if n > limit else r["prompt"]}
+               for r, n in kept]
+        return [r for r in out if r["prompt"] is not None], n_over
 
-    n_train = len(train)
-    train, too_long = fit(train)
-    held, _ = fit(held)
-    if too_long:
-        verb = "dropped" if stage.too_long == "drop" else "cut from the left"
-        log.warning("%s: %d of %d prompts are longer than max_length - response_length = %d tokens and were %s",
-                    name, too_long, n_train, limit, verb)
+    train, too_long = fit(train, f"{name}: {stage.data}")
+    if held:
+        held, _ = fit(held, f"{name}: {stage.eval_data or stage.data} (held out)")
     if not train:
         raise AlignError(f"{name}: {stage.data}: no prompts to train on ({too_long} longer than max_length - "
                          f"response_length); no training prompts left of at most {limit} tokens, expected at least "

@@ -59,7 +59,6 @@ from align.artifacts import (
     peak_rss_mb,
 )
 from align.config import PPOStage
-from align.data import unique_prompts
 from align.errors import AlignError
 from align.losses import (
     adaptive_kl_coef,
@@ -73,7 +72,7 @@ from align.losses import (
     ppo_value_loss,
 )
 from align.models import apply_lora, frozen_copy, load_model, load_tokenizer
-from align.policy_eval import completions_before, reward_report
+from align.policy_eval import BeforeAfter
 from align.rollouts import Sampling, make_engine
 from align.sequences import (
     completion_logits,
@@ -248,11 +247,7 @@ def build_models(stage: PPOStage, name: str, policy, tokenizer, model_path: str,
         policy.gradient_checkpointing_enable()
     value_model, value_source = value_model_for(stage, name, model_path, reward_path, tokenizer, policy)
     if stage.lora and value_source != "shared":
-        from peft import LoraConfig, get_peft_model
-
-        value_model = get_peft_model(value_model, LoraConfig(
-            r=stage.lora.r, lora_alpha=stage.lora.alpha, lora_dropout=stage.lora.dropout,
-            target_modules=stage.lora.target_modules, task_type="SEQ_CLS"))
+        value_model = apply_lora(value_model, stage.lora, task_type="SEQ_CLS")
     value_model.to(device).train()
     for model in (policy, value_model):
         disable_dropout(model)
@@ -624,13 +619,13 @@ def run(stage: PPOStage, name: str, out_dir: Path, model_path: str, reward_path:
     tokenizer = load_tokenizer(model_path)
     reward_fn = load_reward_fn(stage.reward_fn, name) if stage.reward_fn else None
     train_rows, held_rows, too_long = prompt_rows(stage, name, tokenizer)
-    train, eval_prompts = [r["prompt"] for r in train_rows], unique_prompts(held_rows, stage.eval_prompts)
+    train = [r["prompt"] for r in train_rows]
     log.info("%s: %d training prompts, %d held out", name, len(train), len(held_rows))
     policy = load_model(model_path).to(device)
-    before_texts = None
-    if reward_path and eval_prompts:
-        before_texts = completions_before(policy, tokenizer, eval_prompts, out_dir, stage.max_new_tokens)
+    report = BeforeAfter(stage, name, held_rows, out_dir, reward_path)  # scored by the reward model alone
+    report.before(policy, tokenizer)
     models = build_models(stage, name, policy, tokenizer, model_path, reward_path, reward_fn, out_dir, device)
+    report.scorer = models.rewards.scorer
     total_steps = stage.max_steps if stage.max_steps > 0 else \
         max(1, math.ceil(stage.epochs * len(train) / stage.rollout_batch_size))
     optimizer, scheduler = make_optimizer(stage, models, total_steps)
@@ -655,9 +650,9 @@ def run(stage: PPOStage, name: str, out_dir: Path, model_path: str, reward_path:
                                                 len(rollout.scores), stage.kl_horizon)
         progress.step = step + 1
         record = step_record(step + 1, rollout, stats, progress.kl_coef, scheduler.get_last_lr()[0], t0, t_train)
-        evaluate = before_texts is not None and due(step + 1, stage.eval_steps, total_steps)
+        evaluate = report.active and due(step + 1, stage.eval_steps, total_steps)
         if evaluate:
-            record["eval_reward"], after_texts = held_out_reward(models, eval_prompts, stage.max_new_tokens)
+            record["eval_reward"], after_texts = held_out_reward(models, report.prompts, stage.max_new_tokens)
         records.add(record, total_steps, force=evaluate)
         bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.3f}",
                         tokens_per_s=f"{record['tokens_per_s']:.0f}")
@@ -667,13 +662,9 @@ def run(stage: PPOStage, name: str, out_dir: Path, model_path: str, reward_path:
     records.close()
     save_model(models.policy, tokenizer, out_dir / "model", stage.merge_lora)
     metrics = summarize(records.read(), start_step)
-    if before_texts is not None:
-        if after_texts is None:  # the last step was skipped
-            after_texts = held_out_reward(models, eval_prompts, stage.max_new_tokens)[1]
-        metrics.update(reward_report(reward_path, eval_prompts, before_texts, after_texts, out_dir,
-                                     scorer=models.rewards.scorer))
+    metrics.update(report.after(models.policy, tokenizer, texts=after_texts))  # None: the last step was skipped
     metrics.update(steps=total_steps, skipped_steps=progress.skipped, resumed_from_step=start_step or None,
-                   train_prompts=len(train), eval_prompts=len(eval_prompts), prompts_too_long=too_long,
+                   train_prompts=len(train), eval_prompts=len(report.prompts), prompts_too_long=too_long,
                    value_model_from=models.value_source, kl_coef_final=progress.kl_coef,
                    peak_rss_mb=round(peak_rss_mb(), 1), seconds=round(timer.seconds(), 1))
     return metrics
