@@ -175,27 +175,37 @@ def adapter_base(path: str) -> str | None:
 
 
 def load_model(path: str, dtype=None):
-    """A causal LM ready to train: an adapter folder is loaded onto its base and merged."""
+    """A causal LM ready to train, every weight trainable: an adapter folder is merged onto its base.
+
+    The base may itself be an adapter folder (LoRA SFT, then LoRA DPO): the chain is merged from the bottom."""
     import torch
     from transformers import AutoModelForCausalLM
 
     dtype = dtype or (torch.bfloat16 if use_bf16() else torch.float32)
     base = adapter_base(path)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(base or path, dtype=dtype)
-    except OSError as e:
-        raise AlignError(f"{base or path}: cannot load model ({str(e).splitlines()[0]})") from None
-    if base:
-        from peft import PeftModel
+    if not base:
+        try:
+            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        except OSError as e:
+            raise AlignError(f"{path}: cannot load model ({str(e).splitlines()[0]})") from None
+    from peft import PeftModel
 
-        # Training continues on the merged weights: a new stage adds its own adapter, and under LoRA
-        # the reference (adapters disabled) is then the previous stage's policy.
-        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    # Training continues on the merged weights: a new stage adds its own adapter, and under LoRA
+    # the reference (adapters disabled) is then the previous stage's policy.
+    model = PeftModel.from_pretrained(load_model(base, dtype), path).merge_and_unload()
+    # PEFT froze the base to train its adapter, and merging keeps it frozen: a full fine-tuning stage
+    # would then have no trainable parameter ("element 0 of tensors does not require grad").
+    model.requires_grad_(True)
+    # PEFT records `model.name_or_path` as a new adapter's base: it must name these merged weights (this
+    # adapter on its base), not the bare base, or the next stage would load the new adapter without this one.
+    model.name_or_path = model.config.name_or_path = str(Path(path).resolve())
     return model
 
 
-def apply_lora(model, lora):
-    """Wrap `model` with a fresh LoRA adapter built from the recipe's `lora:` section."""
+def apply_lora(model, lora, task_type: str = "CAUSAL_LM"):
+    """Wrap `model` with a fresh LoRA adapter built from the recipe's `lora:` section (the one place a
+    `LoraConfig` is made). `task_type="SEQ_CLS"` for reward and value models: their score head then
+    trains in full (PEFT's modules_to_save)."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
@@ -203,7 +213,7 @@ def apply_lora(model, lora):
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
     try:
         return get_peft_model(model, config)
@@ -218,6 +228,28 @@ def weights_fingerprint(path: str) -> str:
         return "hub:" + path
     items = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in p.iterdir() if f.is_file())
     return _short_hash(json.dumps(items))
+
+
+def reference_model(model, lora, precomputed: bool = False):
+    """The reference of a stage: the model it started from, `model` as loaded, before any adapter.
+
+    The one place a stage's reference is built; the stage hands it to TRL as `ref_model`. None where
+    no copy is needed: under LoRA (the policy with its adapter disabled is the starting model), and
+    when every reference log-prob is computed before the first step (DPO's `precompute_ref_log_probs`:
+    TRL then runs the policy, still the starting model). Else `frozen_copy(model)`."""
+    if lora or precomputed:
+        return None
+    return frozen_copy(model)
+
+
+def drop_ref_adapter(model) -> None:
+    """Delete the "ref" adapter TRL adds when handed a PeftModel and no `ref_model`.
+
+    TRL copies the adapter so that a pretrained one stays the reference; ours is always fresh (it
+    computes exactly the starting model), so disabling it gives the reference without a copy, and
+    `save_pretrained` would otherwise write the copy next to the trained adapter."""
+    if "ref" in getattr(model, "peft_config", {}):
+        model.delete_adapter("ref")
 
 
 def frozen_copy(model):

@@ -179,3 +179,33 @@ def test_reward_stage_starts_from_a_lora_sft_adapter(tiny_model, tmp_path):
     metrics = run_recipe(load_recipe(write_recipe(tmp_path / "r.yaml", tmp_path / "o", stages)))
     assert (tmp_path / "o" / "sft" / "model" / "adapter_config.json").exists()
     assert metrics["reward"]["eval_accuracy"] >= 0.9
+
+
+def test_kto_drops_or_counts_rows_longer_than_max_length(tiny_model, tmp_path, caplog):
+    """`too_long` holds for KTO: over-long rows are counted and warned about, and dropped on request."""
+    import logging
+
+    from align.models import load_tokenizer
+
+    rows = [json.loads(line) for line in TINY_PREFS.read_text().splitlines()[:16]]
+    tokenizer = load_tokenizer(str(tiny_model))
+    lengths = [len(tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]},
+                                                  {"role": "assistant", "content": r[k]}], tokenize=True,
+                                                 return_dict=True)["input_ids"])
+               for r in rows for k in ("chosen", "rejected")]
+    max_length = sorted(lengths)[len(lengths) // 2]
+    over = sum(n > max_length for n in lengths)
+    assert 0 < over < len(lengths)
+    caplog.set_level(logging.WARNING, logger="align")
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stage = tiny_pref_stage(tiny_model, data=str(data), eval_fraction=0.0, max_length=max_length, too_long="drop",
+                            max_steps=1, batch_size=4)
+    metrics = run_recipe(load_recipe(write_recipe(tmp_path / "r.yaml", tmp_path / "o", {"kto": stage})))["kto"]
+    assert metrics["rows_too_long"] == over
+    assert metrics["train_rows"] == len(lengths) - over
+    assert f"{over} of {len(lengths)} rows are longer than max_length={max_length}" in caplog.text
+
+    stage.update(max_length=min(lengths) - 1)
+    with pytest.raises(AlignError, match="longer than max_length"):
+        run_recipe(load_recipe(write_recipe(tmp_path / "r2.yaml", tmp_path / "o2", {"kto": stage})))

@@ -83,7 +83,8 @@ def check_online(recipe: Recipe, name: str) -> None:
 
 def check_vllm(key: str) -> None:
     if importlib.util.find_spec("vllm") is None:  # first: it needs no torch import (seconds)
-        raise AlignError(f"{key}: 'vllm' is not installed; pip install align[vllm] on a CUDA machine, or use engine: hf")
+        raise AlignError(f"{key}: 'vllm' is not installed (it needs a CUDA GPU and pip install 'align[vllm]'); "
+                         "use engine: hf on CPU")
     import torch
 
     if not torch.cuda.is_available():

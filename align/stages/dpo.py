@@ -1,8 +1,10 @@
 """Direct preference optimization over TRL's `DPOTrainer`, with a disk cache of reference log-probs.
 
-Reference: the stage's starting model. Under LoRA it is that model with the adapter
-disabled, so no second copy is held. With `ref_cache` (default) the reference forward
-passes run once over the data (TRL's `precompute_ref_log_probs`) and are stored under
+Reference: the stage's starting model (`models.reference_model`), handed to TRL as
+`ref_model`. Under LoRA it is that model with the adapter disabled, so no second copy is
+held. With `ref_cache` (default) the reference forward passes run once over the data,
+before the first step, through the policy, still the starting model (TRL's
+`precompute_ref_log_probs` with no `ref_model`), and are stored under
 `$ALIGN_CACHE/ref_logps/`, keyed by the reference weights' hash, the rows, the chat
 template and `max_length`; the next run with the same reference and data reads them and
 skips every reference pass. The loss is TRL's (one copy of the math).
@@ -20,7 +22,7 @@ from align.artifacts import StepLog, Timer, hash_json
 from align.config import DPOStage
 from align.data import as_preference, load_split, unique_prompts
 from align.errors import AlignError
-from align.models import apply_lora, cache_dir, load_model, load_tokenizer
+from align.models import apply_lora, cache_dir, drop_ref_adapter, load_model, load_tokenizer, reference_model
 from align.policy_eval import completions_before, reward_report
 from align.training import AlignCallback, finite, save_model, train_with_eval, trainer_args
 
@@ -132,6 +134,7 @@ def run(stage: DPOStage, name: str, out_dir: Path, model_path: str, reward_path:
     if stage.ref_cache:
         ref_key = {"ref_weights": weights_hash(model), "chat_template": tokenizer.chat_template,
                    "max_length": stage.max_length, "pad": tokenizer.pad_token_id}
+    ref_model = reference_model(model, stage.lora, precomputed=stage.ref_cache)
     if stage.lora:
         model = apply_lora(model, stage.lora)
 
@@ -151,9 +154,10 @@ def run(stage: DPOStage, name: str, out_dir: Path, model_path: str, reward_path:
         precompute_ref_batch_size=stage.batch_size * 4,
         dataset_num_proc=None,
     )
-    trainer = make_trainer_class()(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
-                                   processing_class=tokenizer, callbacks=[AlignCallback(step_log)],
-                                   ref_cache_key=ref_key)
+    trainer = make_trainer_class()(model=model, ref_model=ref_model, args=config, train_dataset=train_ds,
+                                   eval_dataset=eval_ds, processing_class=tokenizer,
+                                   callbacks=[AlignCallback(step_log)], ref_cache_key=ref_key)
+    drop_ref_adapter(trainer.model)
 
     before, metrics, after = train_with_eval(trainer, out_dir, step_log, has_eval=eval_ds is not None)
     if eval_ds is not None:

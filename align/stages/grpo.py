@@ -18,8 +18,10 @@ group baseline). Every such reward is counted (`rewards/<fn>/non_finite` per ste
 `reward_non_finite` in metrics.json) and warned about, so a broken reward shows instead of
 quietly flattening the advantages.
 
-Reference (beta > 0): the starting model; under LoRA the same model with its adapter
-disabled (TRL would otherwise keep a copy of the fresh adapter as "ref" and save it too).
+Reference (beta > 0): the starting model (`models.reference_model`); under LoRA the same
+model with its adapter disabled (TRL would otherwise keep a copy of the fresh adapter as
+"ref" and save it too). TRL's GRPO and RLOO trainers take no `ref_model`: `with_ref_model`
+gives them one.
 
 Prompts longer than `max_length - response_length` tokens (after the chat template) follow
 `too_long`: dropped, or cut from the left so the end of the conversation (the question
@@ -36,12 +38,13 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import sys
 from pathlib import Path
 
 from align.artifacts import StepLog, Timer
 from align.config import GRPOStage, RLOOStage
 from align.errors import AlignError
-from align.models import adapter_base, apply_lora, load_model, load_tokenizer
+from align.models import apply_lora, drop_ref_adapter, load_model, load_tokenizer, reference_model
 from align.stages.online import load_reward_fn, prompt_rows
 
 log = logging.getLogger("align")
@@ -51,7 +54,7 @@ def run_grpo(stage: GRPOStage, name: str, out_dir: Path, model_path: str, reward
     checked = preflight(stage, name, reward_path)  # before TRL's slow import: a bad recipe fails in a second
     from trl import GRPOConfig, GRPOTrainer
 
-    return _run(stage, name, out_dir, model_path, reward_path, checked, GRPOConfig, GRPOTrainer,
+    return _run(stage, name, out_dir, model_path, reward_path, checked, GRPOConfig, with_ref_model(GRPOTrainer),
                 dict(loss_type=stage.loss_type, scale_rewards=stage.scale_rewards))
 
 
@@ -59,7 +62,7 @@ def run_rloo(stage: RLOOStage, name: str, out_dir: Path, model_path: str, reward
     checked = preflight(stage, name, reward_path)
     from trl import RLOOConfig, RLOOTrainer
 
-    return _run(stage, name, out_dir, model_path, reward_path, checked, RLOOConfig, RLOOTrainer, {})
+    return _run(stage, name, out_dir, model_path, reward_path, checked, RLOOConfig, with_ref_model(RLOOTrainer), {})
 
 
 def preflight(stage, name: str, reward_path: str | None) -> tuple[dict, object]:
@@ -76,8 +79,8 @@ def _run(stage, name: str, out_dir: Path, model_path: str, reward_path: str | No
          config_cls, trainer_cls, method_args: dict) -> dict:
     from datasets import Dataset
 
-    from align.policy_eval import completions_before, reward_report
     from align.data import unique_prompts
+    from align.policy_eval import completions_before, reward_report
     from align.training import AlignCallback, save_model, train_with_resume, trainer_args
 
     timer = Timer()
@@ -97,12 +100,11 @@ def _run(stage, name: str, out_dir: Path, model_path: str, reward_path: str | No
         reward_funcs.append(CheckedReward(stage.reward_fn.rpartition(":")[2], user_fn))
 
     model = load_model(model_path)
-    start_state = {k: v.detach().clone() for k, v in model.state_dict().items()} \
-        if stage.beta > 0 and not stage.lora and adapter_base(model_path) else None
     eval_prompts = unique_prompts(held, stage.eval_prompts)
     before_texts = None
     if eval_prompts:
         before_texts = completions_before(model, tokenizer, eval_prompts, out_dir, stage.max_new_tokens)
+    ref_model = reference_model(model, stage.lora) if stage.beta > 0 else None
     if stage.lora:
         model = apply_lora(model, stage.lora)
 
@@ -122,14 +124,10 @@ def _run(stage, name: str, out_dir: Path, model_path: str, reward_path: str | No
         **method_args,
         **engine_args,
     )
-    trainer = trainer_cls(model=model, reward_funcs=reward_funcs, args=config, train_dataset=Dataset.from_list(train),
-                          processing_class=tokenizer, callbacks=[AlignCallback(step_log)])
-    if stage.lora and "ref" in trainer.model.peft_config:
-        # A fresh adapter's copy computes the base model; disabling the adapter does that without a copy.
-        trainer.model.delete_adapter("ref")
-    if start_state is not None and trainer.ref_model is not None:
-        # TRL builds the reference from `config._name_or_path`, which for a merged adapter is its base, not this policy.
-        trainer.ref_model.load_state_dict(start_state)
+    trainer = trainer_cls(model=model, ref_model=ref_model, reward_funcs=reward_funcs, args=config,
+                          train_dataset=Dataset.from_list(train), processing_class=tokenizer,
+                          callbacks=[AlignCallback(step_log)])
+    drop_ref_adapter(trainer.model)
 
     metrics = train_with_resume(trainer, out_dir, step_log)
     save_model(trainer.model, tokenizer, out_dir / "model", stage.merge_lora)
@@ -157,6 +155,41 @@ def _run(stage, name: str, out_dir: Path, model_path: str, reward_path: str | No
                    reward_non_finite=non_finite, reward_scored=scored,
                    seconds=round(timer.seconds(), 1))
     return metrics
+
+
+def with_ref_model(trainer_cls):
+    """TRL's `GRPOTrainer` or `RLOOTrainer`, taking `ref_model=` as its DPO and KTO trainers do.
+
+    TRL 1.16 gives these two no such argument: with full fine-tuning and beta > 0 they load their
+    reference with `create_model_from_path(config._name_or_path)`, which after an adapter merge is the
+    pre-SFT base, not the starting model. While the trainer is built, that one call hands back
+    `ref_model`, so TRL prepares it as it would its own (dropout off, fused LM head, device)."""
+    module = sys.modules[trainer_cls.__module__]
+
+    class WithRefModel(trainer_cls):
+        def __init__(self, *args, ref_model=None, **kwargs):
+            if ref_model is None:
+                super().__init__(*args, **kwargs)
+                return
+            load = module.create_model_from_path  # an upgrade that renames it fails here, not silently
+            asked = []
+
+            def the_reference(model_id, *_, **__):
+                asked.append(model_id)
+                return ref_model
+
+            module.create_model_from_path = the_reference
+            try:
+                super().__init__(*args, **kwargs)
+            finally:
+                module.create_model_from_path = load
+            if len(asked) != 1 or self.accelerator.unwrap_model(self.ref_model) is not ref_model:
+                raise AlignError(f"TRL's {trainer_cls.__name__} no longer loads its reference through "
+                                 f"create_model_from_path ({len(asked)} calls); align/stages/grpo.py must hand it "
+                                 "the starting model another way")
+
+    WithRefModel.__name__ = WithRefModel.__qualname__ = trainer_cls.__name__
+    return WithRefModel
 
 
 def engine_settings(stage, name: str) -> dict:
