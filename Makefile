@@ -34,6 +34,7 @@ $(CHROMIUM):
 	$(SUDO) apt-get install -y -q --no-install-recommends chromium
 
 test: install $(CHROMIUM)
+	$(PY) -m ruff check align reward labeling_app tests bench recipes
 	$(PY) -m pytest -q
 
 test-slow: install

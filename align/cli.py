@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "from the policy, and answer lengths.",
         epilog="example: align eval --policy runs/tiny-sft-rm-ppo/ppo/model --baseline runs/tiny-sft-rm-ppo/sft/model "
                "--reward-model runs/tiny-sft-rm-ppo/reward/model --prompts recipes/data/tiny_prompts.jsonl")
-    ev.add_argument("--policy", required=True, help="the model to judge: a folder (full or adapter), tiny, smollm2, .gguf")
+    ev.add_argument("--policy", required=True,
+                    help="the model to judge: a folder (full or adapter), tiny, smollm2, .gguf")
     ev.add_argument("--baseline", required=True, help="the model to compare with (e.g. the SFT stage's model/)")
     ev.add_argument("--reward-model", required=True, help="a reward stage's model/ folder")
     ev.add_argument("--prompts", required=True, help="prompts file ({\"prompt\": ...} rows); distinct prompts are used")

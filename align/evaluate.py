@@ -57,7 +57,7 @@ def evaluate(policy_spec: str, baseline_spec: str, reward_spec: str, prompts_pat
     texts, models, tokenizers = {}, {}, {}
     for name, path in paths.items():
         tokenizers[name] = load_tokenizer(path)
-        models[name] = load_model(path)
+        models[name] = load_model(path).to("cuda" if torch.cuda.is_available() else "cpu")  # bf16 only on GPU
         log.info("%s (%s): greedy answers to %d prompts", name, path, len(prompts))
         texts[name] = greedy_completions(models[name], tokenizers[name], prompts, max_new_tokens=max_new_tokens)
     scorer = RewardScorer(reward_path)

@@ -97,6 +97,33 @@ class BeforeAfter:
         return metrics
 
 
+    def held_out_rewards(self, model, tokenizer) -> dict:
+        """Mean reward of the policy's greedy answers now: `eval_reward` (reward model), `eval_reward_fn`."""
+        texts = greedy_completions(model, tokenizer, self.prompts, max_new_tokens=self.max_new_tokens)
+        out = {}
+        if self.reward_path:
+            from reward.score import RewardScorer
+
+            self.scorer = self.scorer or RewardScorer(self.reward_path)
+            out["eval_reward"] = mean_finite(self.scorer.score(self.prompts, texts))
+        if self.reward_fn is not None:
+            out["eval_reward_fn"] = mean_finite(self.reward_fn(self.prompts, texts))
+        return out
+
+
+def periodic_eval_callback(report: BeforeAfter, tokenizer, step_log, every: int):
+    """A TRL/transformers callback adding `held_out_rewards` to `log.jsonl` every `every` optimizer steps
+    (online stages over TRL, whose trainers have no held-out set of their own: `eval_steps`)."""
+    from transformers import TrainerCallback
+
+    class PeriodicEval(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if report.active and every > 0 and state.global_step % every == 0:
+                step_log.append({"step": state.global_step, **report.held_out_rewards(model, tokenizer)})
+
+    return PeriodicEval()
+
+
 def mean_finite(values) -> float | None:
     import math
 

@@ -52,30 +52,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                      help="rollouts: at most N pairs per prompt, a seeded sample (default 0: every pair)")
     imp.add_argument("--seed", type=int, default=0, help="seed for --max-pairs-per-prompt sampling (default 0)")
 
-    users = sub.add_parser("users", help="add, list and remove annotator accounts",
-                           description="Annotator accounts. Passwords are stored as salted scrypt hashes, "
-                                       "never in clear. Logging in is required for every page of the app.")
-    users_sub = users.add_subparsers(dest="users_command", metavar="ACTION")
-    add = users_sub.add_parser("add", help="create an account", description="Create an account; asks for its "
-                               "password twice, or reads one line from stdin with --password-stdin.")
-    add.add_argument("name", help="login name: letters, digits and _.@- (up to 64)")
-    add.add_argument("--admin", action="store_true", help="may see the admin view and export")
-    add.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
-    add.add_argument("--db", default="labels.sqlite", help=DB_HELP)
-    passwd = users_sub.add_parser("passwd", help="set a new password",
-                                  description="Replace an account's password.")
-    passwd.add_argument("name", help="login name")
-    passwd.add_argument("--password-stdin", action="store_true",
-                        help="read the password from the first line of stdin")
-    passwd.add_argument("--db", default="labels.sqlite", help=DB_HELP)
-    listing = users_sub.add_parser("list", help="list accounts with their vote counts",
-                                   description="List accounts: name, role, votes cast, created.")
-    listing.add_argument("--db", default="labels.sqlite", help=DB_HELP)
-    remove = users_sub.add_parser("remove", help="delete an account (its votes stay)",
-                                  description="Delete an account. It is locked out at once, even from a running "
-                                              "server; the votes it cast stay in the database and in exports.")
-    remove.add_argument("name", help="login name")
-    remove.add_argument("--db", default="labels.sqlite", help=DB_HELP)
+    _add_users_parser(sub)
 
     serve = sub.add_parser(
         "serve", help="start the labeling app (Gradio)",
@@ -110,6 +87,34 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     kind.add_argument("--raw", action="store_true", help="every vote: annotator, sides shown, times, reason")
     kind.add_argument("--kto", action="store_true", help="thumbs-up/down rows for the KTO stage")
     return label
+
+
+def _add_users_parser(sub) -> None:
+    """`align label users add | passwd | list | remove`."""
+    users = sub.add_parser("users", help="add, list and remove annotator accounts",
+                           description="Annotator accounts. Passwords are stored as salted scrypt hashes, "
+                                       "never in clear. Logging in is required for every page of the app.")
+    users_sub = users.add_subparsers(dest="users_command", metavar="ACTION")
+    add = users_sub.add_parser("add", help="create an account", description="Create an account; asks for its "
+                               "password twice, or reads one line from stdin with --password-stdin.")
+    add.add_argument("name", help="login name: letters, digits and _.@- (up to 64)")
+    add.add_argument("--admin", action="store_true", help="may see the admin view and export")
+    add.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
+    add.add_argument("--db", default="labels.sqlite", help=DB_HELP)
+    passwd = users_sub.add_parser("passwd", help="set a new password",
+                                  description="Replace an account's password.")
+    passwd.add_argument("name", help="login name")
+    passwd.add_argument("--password-stdin", action="store_true",
+                        help="read the password from the first line of stdin")
+    passwd.add_argument("--db", default="labels.sqlite", help=DB_HELP)
+    listing = users_sub.add_parser("list", help="list accounts with their vote counts",
+                                   description="List accounts: name, role, votes cast, created.")
+    listing.add_argument("--db", default="labels.sqlite", help=DB_HELP)
+    remove = users_sub.add_parser("remove", help="delete an account (its votes stay)",
+                                  description="Delete an account. It is locked out at once, even from a running "
+                                              "server; the votes it cast stay in the database and in exports.")
+    remove.add_argument("name", help="login name")
+    remove.add_argument("--db", default="labels.sqlite", help=DB_HELP)
 
 
 def run(args) -> int:

@@ -96,3 +96,15 @@ def test_the_check_itself_catches_an_upward_import(tmp_path):
     path.write_text("def f():\n    from align.stages.dpo import run\n    import reward.score\n")
     found = imports(path)
     assert [(t, layer(t)) for _, t, _ in found] == [("align.stages.dpo", "pipeline"), ("reward.score", "components")]
+
+
+def test_no_function_over_80_lines():
+    """A function a reader cannot hold in view is a phase that wants its own name (and test)."""
+    long = []
+    for module, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                start = min([d.lineno for d in node.decorator_list] + [node.lineno])
+                if node.end_lineno - start + 1 > 80:
+                    long.append(f"{path.relative_to(REPO)}:{start} {node.name} ({node.end_lineno - start + 1} lines)")
+    assert long == []

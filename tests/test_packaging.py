@@ -39,7 +39,8 @@ def wheel(tmp_path_factory) -> Path:
 
 def test_wheel_ships_recipes_and_their_data_once(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    shipped = {p.relative_to(REPO).as_posix() for p in [*REPO.glob("recipes/*.yaml"), *REPO.glob("recipes/data/*.jsonl")]}
+    files = [*REPO.glob("recipes/*.yaml"), *REPO.glob("recipes/data/*.jsonl")]
+    shipped = {p.relative_to(REPO).as_posix() for p in files}
     assert {"recipes/smollm2-sft-rm-dpo.yaml", "recipes/data/chatty_sft.jsonl",
             "recipes/data/concise_prefs.jsonl", "recipes/tiny-sft.yaml", "recipes/data/tiny_sft.jsonl"} <= shipped
     assert shipped <= names, f"missing from the wheel: {sorted(shipped - names)}"

@@ -23,6 +23,8 @@ from align.models import load_model, load_tokenizer
 from align.rollouts import Sampling, make_engine
 from align.rollouts.cli import best_vs_worst
 
+FP32 = torch.float32  # CPU-tier tests pin fp32: with a GPU visible, load_model would pick bf16 on the CPU
+
 # Tiny matrices: one thread beats two, whose synchronisation costs more than the math (and far
 # more on a loaded machine). Subprocesses get the same through OMP_NUM_THREADS.
 ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -48,7 +50,7 @@ def lively_model(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("lively")
     base = build_tiny_model(root / "base")
-    model, tokenizer = load_model(str(base)), load_tokenizer(str(base))
+    model, tokenizer = load_model(str(base), dtype=FP32), load_tokenizer(str(base))
     torch.manual_seed(1)
     model.config.tie_word_embeddings = False
     model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))
@@ -79,7 +81,7 @@ def reward_model(tmp_path_factory) -> Path:
 
 def eos_biased(path: Path, bias: float, std: float = 0.3):
     """The model with an lm_head of small random weights plus `bias` on the EOS logit."""
-    model, tokenizer = load_model(str(path)), load_tokenizer(str(path))
+    model, tokenizer = load_model(str(path), dtype=FP32), load_tokenizer(str(path))
     torch.manual_seed(2)
     head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
     torch.nn.init.normal_(head.weight, std=std)
@@ -126,7 +128,8 @@ def test_rows_stop_at_eos_and_nothing_follows(lively_model):
 
 
 def test_same_seed_same_completions_other_seed_others(lively_model):
-    engine = make_engine("hf", load_model(str(lively_model)), load_tokenizer(str(lively_model)), batch_size=8)
+    engine = make_engine("hf", load_model(str(lively_model), dtype=FP32), load_tokenizer(str(lively_model)),
+                         batch_size=8)
     run = lambda seed: ids(engine.generate(PROMPTS, n=3, sampling=Sampling(max_new_tokens=8, seed=seed)))
     first = run(0)
     assert run(0) == first
@@ -135,7 +138,8 @@ def test_same_seed_same_completions_other_seed_others(lively_model):
 
 
 def test_top_k_1_is_greedy(lively_model):
-    engine = make_engine("hf", load_model(str(lively_model)), load_tokenizer(str(lively_model)), batch_size=8)
+    engine = make_engine("hf", load_model(str(lively_model), dtype=FP32), load_tokenizer(str(lively_model)),
+                         batch_size=8)
     greedy = engine.generate(PROMPTS, n=1, sampling=Sampling(max_new_tokens=8, temperature=0))
     top1 = engine.generate(PROMPTS, n=2, sampling=Sampling(max_new_tokens=8, temperature=1.3, top_k=1, seed=5))
     assert ids(top1) == [[g[0].token_ids] * 2 for g in greedy]
@@ -176,7 +180,7 @@ def test_weight_sync_merges_lora_without_touching_the_training_model(lively_mode
 
     from align.rollouts.vllm import full_weights
 
-    base = load_model(str(lively_model))
+    base = load_model(str(lively_model), dtype=FP32)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"],
                         init_lora_weights=False)  # random B: a non-zero update to fold in
     policy = get_peft_model(base, config)

@@ -66,7 +66,8 @@ def test_bad_data_leaves_no_completed_artifacts(tiny_model, tmp_path, python):
     (["run", "missing.yaml"], "missing.yaml: recipe file not found"),
     (["run", "recipes/tiny-sft.yaml", "stages.sft.learning_rate=1"], "did you mean 'lr'?"),
     (["run", "recipes/tiny-sft.yaml", "stages.sft.data=/nope/x.jsonl"], "/nope/x.jsonl: no such file or folder"),
-    (["run", "recipes/tiny-sft.yaml", "stages.sft.model=/nope/model"], "stages.sft.model: no such model folder /nope/model"),
+    (["run", "recipes/tiny-sft.yaml", "stages.sft.model=/nope/model"],
+     "stages.sft.model: no such model folder /nope/model"),
     (["tiny-model", "/tmp/x", "--hidden", "30"], "multiple of 16"),
 ])
 def test_cli_errors_are_one_line_and_exit_2(args, expected, python, tmp_path):

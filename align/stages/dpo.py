@@ -20,10 +20,9 @@ import torch
 
 from align.artifacts import StepLog, Timer, hash_json
 from align.config import DPOStage
-from align.data import as_preference, load_split, unique_prompts
-from align.errors import AlignError
+from align.data import apply_too_long, as_preference, load_split
 from align.models import apply_lora, cache_dir, drop_ref_adapter, load_model, load_tokenizer, reference_model
-from align.policy_eval import completions_before, reward_report
+from align.policy_eval import BeforeAfter
 from align.training import AlignCallback, finite, save_model, train_with_eval, trainer_args
 
 log = logging.getLogger("align")
@@ -98,17 +97,11 @@ def preference_rows(stage, name: str, tokenizer) -> tuple[list[dict], list[dict]
         return max(len(tokenizer.apply_chat_template(pair["prompt"] + pair[k], tokenize=True,
                                                      return_dict=True)["input_ids"]) for k in ("chosen", "rejected"))
 
-    fits = [length(p) <= stage.max_length for p in train]
-    too_long = fits.count(False)
-    if too_long:
-        verb = "dropped" if stage.too_long == "drop" else "truncated"
-        log.warning("%s: %d of %d pairs are longer than max_length=%d tokens and were %s", name, too_long,
-                    len(train), stage.max_length, verb)
-        if stage.too_long == "drop":
-            train = [p for p, ok in zip(train, fits) if ok]
-            held = [p for p in held if length(p) <= stage.max_length]
-            if not train:
-                raise AlignError(f"{name}: every pair is longer than max_length={stage.max_length} tokens")
+    train, too_long = apply_too_long(train, [length(p) for p in train], stage.max_length, stage.too_long,
+                                     f"{name}: {stage.data}", noun="pairs")
+    if held:
+        held, _ = apply_too_long(held, [length(p) for p in held], stage.max_length, stage.too_long,
+                                 f"{name}: {stage.eval_data or stage.data} (held out)", noun="pairs", required=False)
     for p in train + held:
         p.pop("margin", None)  # a reward-model notion; DPO has no use for it
     return train, held, too_long
@@ -126,10 +119,8 @@ def run(stage: DPOStage, name: str, out_dir: Path, model_path: str, reward_path:
     log.info("%s: %d training pairs, %d held out", name, len(train), len(held))
 
     model = load_model(model_path)
-    eval_prompts = unique_prompts(held, stage.eval_prompts)
-    before_texts = None
-    if reward_path and eval_prompts:
-        before_texts = completions_before(model, tokenizer, eval_prompts, out_dir, stage.max_new_tokens)
+    report = BeforeAfter(stage, name, held, out_dir, reward_path)
+    report.before(model, tokenizer)
     ref_key = None
     if stage.ref_cache:
         ref_key = {"ref_weights": weights_hash(model), "chat_template": tokenizer.chat_template,
@@ -167,13 +158,7 @@ def run(stage: DPOStage, name: str, out_dir: Path, model_path: str, reward_path:
     metrics["ref_cache_hits"] = getattr(trainer, "ref_cache_hits", [])
     save_model(trainer.model, tokenizer, out_dir / "model", stage.merge_lora)
 
-    if before_texts is not None:
-        from align.generate import greedy_completions
-
-        after_texts = greedy_completions(trainer.model, tokenizer, eval_prompts, max_new_tokens=stage.max_new_tokens)
-        metrics.update(reward_report(reward_path, eval_prompts, before_texts, after_texts, out_dir))
-    elif stage.reward_model or reward_path:
-        log.warning("%s: no held-out pairs, so no reward-model evaluation (set eval_fraction > 0)", name)
+    metrics.update(report.after(trainer.model, tokenizer))
     metrics.update(train_pairs=len(train), eval_pairs=len(held), pairs_too_long=too_long,
                    seconds=round(timer.seconds(), 1))
     return metrics

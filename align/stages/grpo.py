@@ -35,7 +35,6 @@ Engine: `hf` samples with `generate` (CPU or GPU); `vllm` is TRL's colocated vLL
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 import sys
@@ -45,6 +44,7 @@ from align.artifacts import StepLog, Timer
 from align.config import GRPOStage, RLOOStage
 from align.errors import AlignError
 from align.models import apply_lora, drop_ref_adapter, load_model, load_tokenizer, reference_model
+from align.stages.checks import check_groups, check_vllm
 from align.stages.online import load_reward_fn, prompt_rows
 
 log = logging.getLogger("align")
@@ -66,9 +66,12 @@ def run_rloo(stage: RLOOStage, name: str, out_dir: Path, model_path: str, reward
 
 
 def preflight(stage, name: str, reward_path: str | None) -> tuple[dict, object]:
-    """(TRL's engine settings, the reward_fn or None), after every check that needs no model."""
-    engine_args = engine_settings(stage, name)
-    check_batch(stage, name)
+    """(TRL's engine settings, the reward_fn or None). `align run` made these checks before the first stage;
+    they run again here for a caller of this function alone (a test, a script)."""
+    if stage.engine == "vllm":
+        check_vllm(f"stages.{name}.engine")
+    check_groups(stage, f"stages.{name}")
+    engine_args = engine_settings(stage)
     user_fn = load_reward_fn(stage.reward_fn, name) if stage.reward_fn else None
     if reward_path is None and user_fn is None:
         raise AlignError(f"stages.{name}: no reward: set 'reward_fn: module:function' or add a reward stage before it")
@@ -79,8 +82,7 @@ def _run(stage, name: str, out_dir: Path, model_path: str, reward_path: str | No
          config_cls, trainer_cls, method_args: dict) -> dict:
     from datasets import Dataset
 
-    from align.data import unique_prompts
-    from align.policy_eval import completions_before, reward_report
+    from align.policy_eval import BeforeAfter, periodic_eval_callback
     from align.training import AlignCallback, save_model, train_with_resume, trainer_args
 
     timer = Timer()
@@ -100,17 +102,15 @@ def _run(stage, name: str, out_dir: Path, model_path: str, reward_path: str | No
         reward_funcs.append(CheckedReward(stage.reward_fn.rpartition(":")[2], user_fn))
 
     model = load_model(model_path)
-    eval_prompts = unique_prompts(held, stage.eval_prompts)
-    before_texts = None
-    if eval_prompts:
-        before_texts = completions_before(model, tokenizer, eval_prompts, out_dir, stage.max_new_tokens)
+    report = BeforeAfter(stage, name, held, out_dir, reward_path, scorer=scorer, reward_fn=user_fn)
+    report.before(model, tokenizer)
     ref_model = reference_model(model, stage.lora) if stage.beta > 0 else None
     if stage.lora:
         model = apply_lora(model, stage.lora)
 
     step_log = StepLog(out_dir / "log.jsonl")
     config = config_cls(
-        **{**trainer_args(stage, out_dir, has_eval=False),  # held-out prompts are scored below, greedily
+        **{**trainer_args(stage, out_dir, has_eval=False),  # held-out prompts: scored greedily by our callback
            # TRL counts prompt + completion tokens itself; transformers' own count finds no input_ids and warns per step
            "include_num_input_tokens_seen": "no"},
         num_generations=stage.num_generations,
@@ -126,24 +126,14 @@ def _run(stage, name: str, out_dir: Path, model_path: str, reward_path: str | No
     )
     trainer = trainer_cls(model=model, ref_model=ref_model, reward_funcs=reward_funcs, args=config,
                           train_dataset=Dataset.from_list(train), processing_class=tokenizer,
-                          callbacks=[AlignCallback(step_log)])
+                          callbacks=[AlignCallback(step_log),
+                                     periodic_eval_callback(report, tokenizer, step_log, stage.eval_steps)])
     drop_ref_adapter(trainer.model)
 
     metrics = train_with_resume(trainer, out_dir, step_log)
     save_model(trainer.model, tokenizer, out_dir / "model", stage.merge_lora)
 
-    if before_texts is not None:
-        from align.generate import greedy_completions
-
-        after_texts = greedy_completions(trainer.model, tokenizer, eval_prompts, max_new_tokens=stage.max_new_tokens)
-        if reward_path:
-            metrics.update(reward_report(reward_path, eval_prompts, before_texts, after_texts, out_dir,
-                                         scorer=scorer))
-        if user_fn is not None:
-            metrics["eval_reward_fn_before"] = mean_finite(user_fn(eval_prompts, before_texts))
-            metrics["eval_reward_fn_after"] = mean_finite(user_fn(eval_prompts, after_texts))
-    else:
-        log.warning("%s: no held-out prompts, so no before/after evaluation (set eval_fraction > 0)", name)
+    metrics.update(report.after(trainer.model, tokenizer))
     history = [r for r in trainer.state.log_history if isinstance(r.get("reward"), (int, float))]
     if history:
         metrics.update(train_reward_first=history[0]["reward"], train_reward_last=history[-1]["reward"])
@@ -192,32 +182,12 @@ def with_ref_model(trainer_cls):
     return WithRefModel
 
 
-def engine_settings(stage, name: str) -> dict:
-    """TRL's generation settings for `engine`; vLLM is checked here, before anything loads."""
+def engine_settings(stage) -> dict:
+    """TRL's generation settings for `engine` (checked by `align.stages.checks` before anything loads)."""
     if stage.engine == "hf":
         return {}
-    import torch
-
-    if not torch.cuda.is_available():
-        raise AlignError(f"stages.{name}.engine: 'vllm' needs a CUDA GPU and none is visible; use engine: hf on CPU")
-    if importlib.util.find_spec("vllm") is None:
-        raise AlignError(f"stages.{name}.engine: 'vllm' is not installed; pip install align[vllm], or use engine: hf")
     return dict(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=stage.gpu_memory_utilization,
                 vllm_tensor_parallel_size=stage.tensor_parallel_size, vllm_max_model_length=stage.max_length)
-
-
-def check_batch(stage, name: str) -> None:
-    """The checks TRL makes in its config, as one line naming our keys."""
-    if stage.num_generations < 2:
-        raise AlignError(f"stages.{name}.num_generations: must be at least 2 (a completion is compared with the others "
-                         f"of its prompt); got {stage.num_generations}")
-    per_step = stage.batch_size * stage.grad_accum
-    if per_step % stage.num_generations:
-        raise AlignError(f"stages.{name}.batch_size: batch_size * grad_accum ({per_step}) completions per step must be "
-                         f"a multiple of num_generations ({stage.num_generations})")
-    if stage.response_length >= stage.max_length:
-        raise AlignError(f"stages.{name}.response_length: {stage.response_length} leaves no room for the prompt in "
-                         f"max_length={stage.max_length}")
 
 
 class CheckedReward:
@@ -257,8 +227,3 @@ def _finite_or_none(value, fn_name: str) -> float | None:
     except (TypeError, ValueError):
         raise AlignError(f"reward function '{fn_name}' returned {value!r}; expected a number per completion") from None
     return value if math.isfinite(value) else None
-
-
-def mean_finite(values) -> float | None:
-    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    return sum(finite) / len(finite) if finite else None

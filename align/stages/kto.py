@@ -16,9 +16,9 @@ from pathlib import Path
 
 from align.artifacts import StepLog, Timer
 from align.config import KTOStage
-from align.data import apply_too_long, as_unpaired, load_split, unique_prompts
+from align.data import apply_too_long, as_unpaired, load_split
 from align.models import apply_lora, drop_ref_adapter, load_model, load_tokenizer, reference_model
-from align.policy_eval import completions_before, reward_report
+from align.policy_eval import BeforeAfter
 from align.training import AlignCallback, finite, save_model, train_with_eval, trainer_args
 
 log = logging.getLogger("align")
@@ -50,10 +50,8 @@ def run(stage: KTOStage, name: str, out_dir: Path, model_path: str, reward_path:
     eval_ds = Dataset.from_list(held) if held else None
 
     model = load_model(model_path)
-    eval_prompts = unique_prompts(held, stage.eval_prompts)
-    before_texts = None
-    if reward_path and eval_prompts:
-        before_texts = completions_before(model, tokenizer, eval_prompts, out_dir, stage.max_new_tokens)
+    report = BeforeAfter(stage, name, held, out_dir, reward_path)
+    report.before(model, tokenizer)
     ref_model = reference_model(model, stage.lora)
     if stage.lora:
         model = apply_lora(model, stage.lora)
@@ -71,11 +69,7 @@ def run(stage: KTOStage, name: str, out_dir: Path, model_path: str, reward_path:
             metrics[f"eval_{k}_before"] = finite(before.get(f"eval_{k}"))
             metrics[f"eval_{k}"] = finite(after.get(f"eval_{k}"))
     save_model(trainer.model, tokenizer, out_dir / "model", stage.merge_lora)
-    if before_texts is not None:
-        from align.generate import greedy_completions
-
-        after_texts = greedy_completions(trainer.model, tokenizer, eval_prompts, max_new_tokens=stage.max_new_tokens)
-        metrics.update(reward_report(reward_path, eval_prompts, before_texts, after_texts, out_dir))
+    metrics.update(report.after(trainer.model, tokenizer))
     metrics.update(train_rows=len(train), eval_rows=len(held), rows_too_long=too_long,
                    seconds=round(timer.seconds(), 1))
     return metrics
