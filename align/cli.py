@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides")
     run.add_argument("--stage", action="append", metavar="NAME",
                      help="run only this stage (repeatable); earlier stages must be complete")
-    run.add_argument("--dry-run", action="store_true", help="check the recipe and data, print the plan, train nothing")
+    run.add_argument("--dry-run", action="store_true",
+                     help="run every check that needs no weights (every stage's data rows, model paths, rewards, "
+                          "batch shapes), print the plan, train nothing")
     run.add_argument("-v", "--verbose", action="store_true",
                      help="also show on the terminal what goes to each stage's run.log: the trainer's per-step "
                           "metrics, library log records, warnings and data-processing bars")
