@@ -55,7 +55,7 @@ def demo_recipe(output_dir: str, overrides: Sequence[str] = ()) -> Recipe:
 
 def run_demo(output_dir: str, overrides: Sequence[str] = ()) -> int:
     recipe = demo_recipe(output_dir, overrides)
-    log.info("demo: SmolLM2-135M-Instruct, LoRA SFT -> reward -> DPO towards concise answers (~13 min on 2 cores)")
+    log.info("demo: SmolLM2-135M-Instruct, LoRA SFT -> reward -> DPO towards concise answers (~6 min on 2 quiet cores)")
     metrics = run_recipe(recipe)
     dpo = metrics["dpo"]
     samples = [json.loads(line) for line in (Path(output_dir) / "dpo" / "samples.jsonl").read_text().splitlines()]
