@@ -96,9 +96,9 @@ class BeforeAfter:
             metrics["eval_reward_fn_after"] = mean_finite(self.reward_fn(self.prompts, after))
         return metrics
 
-
-    def held_out_rewards(self, model, tokenizer) -> dict:
-        """Mean reward of the policy's greedy answers now: `eval_reward` (reward model), `eval_reward_fn`."""
+    def held_out_rewards(self, model, tokenizer) -> tuple[dict, list[str]]:
+        """Mean reward of the policy's greedy answers now (`eval_reward` from the reward model, `eval_reward_fn`),
+        and the answers (a stage evaluating at its last step passes them to `after`)."""
         texts = greedy_completions(model, tokenizer, self.prompts, max_new_tokens=self.max_new_tokens)
         out = {}
         if self.reward_path:
@@ -108,7 +108,7 @@ class BeforeAfter:
             out["eval_reward"] = mean_finite(self.scorer.score(self.prompts, texts))
         if self.reward_fn is not None:
             out["eval_reward_fn"] = mean_finite(self.reward_fn(self.prompts, texts))
-        return out
+        return out, texts
 
 
 def periodic_eval_callback(report: BeforeAfter, tokenizer, step_log, every: int):
@@ -119,7 +119,7 @@ def periodic_eval_callback(report: BeforeAfter, tokenizer, step_log, every: int)
     class PeriodicEval(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kwargs):
             if report.active and every > 0 and state.global_step % every == 0:
-                step_log.append({"step": state.global_step, **report.held_out_rewards(model, tokenizer)})
+                step_log.append({"step": state.global_step, **report.held_out_rewards(model, tokenizer)[0]})
 
     return PeriodicEval()
 

@@ -17,25 +17,23 @@ import torch
 
 def left_pad(rows: list[list], pad, length: int | None = None, dtype=torch.long) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows aligned on the right: ([pad.., row], mask), both (B, length); length defaults to the longest row."""
-    length = max((len(r) for r in rows), default=0) if length is None else length
-    values = torch.full((len(rows), length), pad, dtype=dtype)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            values[i, length - len(r):] = torch.tensor(r, dtype=dtype)
-            mask[i, length - len(r):] = 1
-    return values, mask
+    return _pad(rows, pad, length, dtype, left=True)
 
 
 def right_pad(rows: list[list], pad, length: int | None = None, dtype=torch.long) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows aligned on the left: ([row, pad..], mask), both (B, length); length defaults to the longest row."""
+    return _pad(rows, pad, length, dtype, left=False)
+
+
+def _pad(rows: list[list], pad, length: int | None, dtype, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
     length = max((len(r) for r in rows), default=0) if length is None else length
     values = torch.full((len(rows), length), pad, dtype=dtype)
     mask = torch.zeros((len(rows), length), dtype=torch.long)
     for i, r in enumerate(rows):
         if r:
-            values[i, :len(r)] = torch.tensor(r, dtype=dtype)
-            mask[i, :len(r)] = 1
+            cols = slice(length - len(r), length) if left else slice(0, len(r))
+            values[i, cols] = torch.tensor(r, dtype=dtype)
+            mask[i, cols] = 1
     return values, mask
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from align.data import as_turns
+from align.sequences import right_pad
 
 SCORER_CONFIG = "align_reward.json"  # written next to the saved reward model
 
@@ -64,14 +65,8 @@ class RewardScorer:
         pad = self.tokenizer.pad_token_id
         scores: list[float] = []
         for start in range(0, len(ids), batch_size):
-            batch = ids[start:start + batch_size]
-            width = max(len(x) for x in batch)
             # Right padding: the model reads each row's score at its last non-pad token.
-            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)  # (B, T)
-            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for i, row in enumerate(batch):
-                input_ids[i, :len(row)] = torch.tensor(row)
-                attention_mask[i, :len(row)] = 1
+            input_ids, attention_mask = right_pad(ids[start:start + batch_size], pad)  # (B, T)
             logits = self.model(input_ids=input_ids.to(self.device),
                                 attention_mask=attention_mask.to(self.device)).logits  # (B, 1)
             scores += logits[:, 0].float().cpu().tolist()

@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from align.rollouts import Completion, Sampling, encode_prompts
+from align.sequences import left_pad
 
 
 class HFEngine:
@@ -65,14 +66,10 @@ class HFEngine:
                         return_logps: bool) -> list[list[Completion]]:
         tok = self.tokenizer
         pad, eos = tok.pad_token_id, tok.eos_token_id
-        width = max(len(p) for p in prompt_ids)
         device = self.model.device
         # Left padding: every prompt ends at the same column, where generation appends.
-        input_ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)  # (B, T_prompt)
-        attention_mask = torch.zeros_like(input_ids)
-        for i, ids in enumerate(prompt_ids):
-            input_ids[i, width - len(ids):] = torch.tensor(ids)
-            attention_mask[i, width - len(ids):] = 1
+        input_ids, attention_mask = left_pad(prompt_ids, pad)  # (B, T_prompt)
+        width = input_ids.shape[1]
         # Each prompt repeated n times in place (row i*n + j is completion j of prompt i), rather than
         # num_return_sequences, which HF refuses for greedy decoding with n > 1.
         input_ids = input_ids.repeat_interleave(n, dim=0)  # (B*n, T_prompt)

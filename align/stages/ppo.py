@@ -512,14 +512,6 @@ class StepRecords:
         return self.step_log.read()
 
 
-def held_out_reward(models: Models, prompts: list, max_new_tokens: int) -> tuple[float, list[str]]:
-    """Mean reward-model score of the policy's greedy completions of `prompts`, and the completions."""
-    from align.generate import greedy_completions
-
-    texts = greedy_completions(models.policy, models.tokenizer, prompts, max_new_tokens=max_new_tokens)
-    return statistics.fmean(models.rewards.scorer.score(prompts, texts)), texts
-
-
 class Checkpoints:
     """`checkpoints/checkpoint-N/state.pt` + the done marker; the last `keep` are kept."""
 
@@ -652,7 +644,8 @@ def run(stage: PPOStage, name: str, out_dir: Path, model_path: str, reward_path:
         record = step_record(step + 1, rollout, stats, progress.kl_coef, scheduler.get_last_lr()[0], t0, t_train)
         evaluate = report.active and due(step + 1, stage.eval_steps, total_steps)
         if evaluate:
-            record["eval_reward"], after_texts = held_out_reward(models, report.prompts, stage.max_new_tokens)
+            scores, after_texts = report.held_out_rewards(models.policy, tokenizer)
+            record["eval_reward"] = scores["eval_reward"]
         records.add(record, total_steps, force=evaluate)
         bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.3f}",
                         tokens_per_s=f"{record['tokens_per_s']:.0f}")
