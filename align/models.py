@@ -8,6 +8,12 @@ every later load is an ordinary `from_pretrained`.
 
 dtype: bf16 on a GPU that supports it, fp32 otherwise (CPU training in bf16 is slow and
 TRL's bf16 default crashes on CPUs without it).
+
+QLoRA (`quantization: nf4 | int8` with `lora:`): `load_quantized` loads the base through
+bitsandbytes on the local rank's GPU and prepares it for k-bit training; the stage then adds its
+adapter. CUDA only: on a CPU, bitsandbytes repacks 4-bit weights after a no-grad pass and LoRA
+gradients silently stop. The adapter is saved against the un-quantized base; a merged model is
+made by `merge_into_unquantized` on a freshly loaded full-precision base, never on rounded weights.
 """
 
 from __future__ import annotations
@@ -174,13 +180,16 @@ def adapter_base(path: str) -> str | None:
     return json.loads(cfg.read_text())["base_model_name_or_path"]
 
 
-def load_model(path: str, dtype=None):
+def load_model(path: str, dtype=None, quantization: str | None = None, gradient_checkpointing: bool = False):
     """A causal LM ready to train, every weight trainable: an adapter folder is merged onto its base.
 
-    The base may itself be an adapter folder (LoRA SFT, then LoRA DPO): the chain is merged from the bottom."""
+    The base may itself be an adapter folder (LoRA SFT, then LoRA DPO): the chain is merged from the bottom.
+    With `quantization` (nf4, int8): `load_quantized`, a frozen quantized base for a LoRA adapter to train on."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    if quantization:
+        return load_quantized(path, quantization, gradient_checkpointing)
     dtype = dtype or (torch.bfloat16 if use_bf16() else torch.float32)
     base = adapter_base(path)
     if not base:
@@ -200,6 +209,104 @@ def load_model(path: str, dtype=None):
     # adapter on its base), not the bare base, or the next stage would load the new adapter without this one.
     model.name_or_path = model.config.name_or_path = str(Path(path).resolve())
     return model
+
+
+def quantization_unavailable(quantization: str) -> str | None:
+    """Why `quantization` cannot train here, in one line; None when it can (a CUDA GPU and bitsandbytes)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return (f"{quantization} (QLoRA) needs a CUDA GPU and none is visible: bitsandbytes on CPU repacks its 4-bit "
+                "weights after a no-grad pass and silently stops LoRA gradients, so QLoRA is GPU-only; "
+                "remove quantization to train the LoRA adapter in full precision")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return f"{quantization} (QLoRA) needs bitsandbytes: pip install 'align[quant]'"
+    return None
+
+
+def quantization_config(quantization: str):
+    """The `BitsAndBytesConfig` of a recipe's `quantization`: QLoRA's nf4 (double-quantized, bf16 compute) or int8."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                                  bnb_4bit_use_double_quant=True)
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise AlignError(f"quantization: expected nf4 or int8; got {quantization!r}")
+
+
+def load_quantized(path: str, quantization: str, gradient_checkpointing: bool = False, num_labels: int | None = None):
+    """A quantized base ready for a LoRA adapter (QLoRA): a causal LM, or with `num_labels` a sequence classifier
+    (reward models; its new `score` head stays unquantized, as the last module).
+
+    Placed whole on the local rank's GPU (`LOCAL_RANK`, so each torchrun process holds its own copy), then PEFT's
+    `prepare_model_for_kbit_training`: every base weight frozen, norms and embeddings in fp32, and with
+    `gradient_checkpointing` the checkpointing that k-bit training needs. An adapter folder is first merged onto
+    its base in full precision (`merged_folder`): only a plain folder can be loaded quantized."""
+    reason = quantization_unavailable(quantization)
+    if reason:
+        raise AlignError(f"quantization: {reason}")
+    import torch
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    folder = merged_folder(path) if adapter_base(path) else path
+    kwargs = dict(quantization_config=quantization_config(quantization), dtype=torch.bfloat16,
+                  device_map={"": int(os.environ.get("LOCAL_RANK", 0))})
+    try:
+        if num_labels:
+            model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    except OSError as e:
+        raise AlignError(f"{path}: cannot load model ({str(e).splitlines()[0]})") from None
+    if folder != path:  # a new adapter's base is the adapter folder (the chain), as in load_model
+        model.name_or_path = model.config.name_or_path = str(Path(path).resolve())
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+
+
+def merged_folder(path: str) -> str:
+    """An adapter folder (or chain of them) merged onto its base, saved once as a plain bf16 folder under the cache,
+    keyed by every folder of the chain (a re-trained adapter or base gets a new one)."""
+    import torch
+
+    chain, link = [], path
+    while link:
+        chain.append([str(Path(link).resolve()) if Path(link).exists() else link, weights_fingerprint(link)])
+        link = adapter_base(link)
+    return str(_cached("merged-" + _short_hash(json.dumps(chain)),
+                       lambda out: load_model(path, dtype=torch.bfloat16).save_pretrained(out)))
+
+
+def is_quantized(model) -> bool:
+    """Loaded through bitsandbytes (4-bit or 8-bit); looks through a PEFT wrapper."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(inner, "is_loaded_in_4bit", False) or getattr(inner, "is_loaded_in_8bit", False))
+
+
+def merge_into_unquantized(trained, base):
+    """`trained`'s adapter (a PeftModel over a quantized base) merged into `base`, the same model loaded
+    un-quantized: the merged weights are full precision, not the quantized base's rounded ones.
+
+    The adapter weights (and PEFT's modules_to_save, such as a reward model's score head) are copied over
+    exactly; `base` is consumed and the merged model returned."""
+    import copy
+
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    config = copy.deepcopy(trained.peft_config[trained.active_adapter])
+    config.inference_mode = False
+    fresh = get_peft_model(base, config)
+    result = set_peft_model_state_dict(fresh, get_peft_model_state_dict(trained, adapter_name=trained.active_adapter))
+    missing = [k for k in result.missing_keys if "lora_" in k or "modules_to_save" in k]
+    if result.unexpected_keys or missing:
+        raise AlignError(f"merging the adapter into the un-quantized base: {len(missing)} adapter weights missing, "
+                         f"{len(result.unexpected_keys)} unexpected (first: {(missing + result.unexpected_keys)[0]})")
+    merged = fresh.merge_and_unload()
+    merged.config.pad_token_id = trained.get_base_model().config.pad_token_id
+    return merged
 
 
 def apply_lora(model, lora, task_type: str = "CAUSAL_LM"):
@@ -260,6 +367,9 @@ def frozen_copy(model):
     reference."""
     import copy
 
+    if is_quantized(model):  # QLoRA needs `lora:` (the config refuses it without), whose reference is no copy
+        raise AlignError("a quantized model is never copied as a reference: under QLoRA (lora: set) the reference "
+                         "is the base with its adapter disabled")
     ref = copy.deepcopy(model)
     ref.eval().requires_grad_(False)
     return ref
