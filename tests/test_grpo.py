@@ -237,3 +237,89 @@ def test_long_prompts_are_cut_from_the_left_or_dropped(tiny_model, tmp_path, cap
     stage.max_length = 20  # the template alone does not fit
     with pytest.raises(AlignError, match="no training prompts left"):
         prompt_rows(stage, "grpo", tokenizer)
+
+
+def vllm_stage(stage_type: str, **settings):
+    from align.stages import STAGES
+
+    return STAGES[stage_type].config(**{"model": "tiny", "data": str(PROMPTS), "type": stage_type, "engine": "vllm",
+                                        **settings})
+
+
+@pytest.mark.parametrize("stage_type", ["grpo", "rloo"])
+def test_engine_settings_map_colocate_server_and_tensor_parallel(stage_type):
+    import dataclasses
+
+    from trl import GRPOConfig, RLOOConfig
+
+    from align.stages.grpo import engine_settings
+
+    trl_fields = {f.name for f in dataclasses.fields(GRPOConfig if stage_type == "grpo" else RLOOConfig)}
+    hf = engine_settings(vllm_stage(stage_type, engine="hf"))
+    colocate = engine_settings(vllm_stage(stage_type, tensor_parallel_size=2, gpu_memory_utilization=0.4,
+                                          max_length=96))
+    server = engine_settings(vllm_stage(stage_type, vllm_mode="server", vllm_server_host="10.0.0.2",
+                                        vllm_server_port=8011, vllm_server_timeout=30.0))
+    by_url = engine_settings(vllm_stage(stage_type, vllm_mode="server", vllm_server_base_url="http://gpu7:8000"))
+    assert hf == {}
+    assert colocate == dict(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=0.4,
+                            vllm_tensor_parallel_size=2, vllm_max_model_length=96)
+    assert server == dict(use_vllm=True, vllm_mode="server", vllm_server_base_url=None, vllm_server_host="10.0.0.2",
+                          vllm_server_port=8011, vllm_server_timeout=30.0)
+    assert by_url["vllm_server_base_url"] == "http://gpu7:8000"
+    assert set(colocate) | set(server) <= trl_fields  # TRL's own names, or its config would refuse them
+
+
+VLLM_LAYOUTS = {
+    "ppo server": ("ppo", dict(vllm_mode="server"), "stages.ppo.vllm_mode: 'server' is for grpo and rloo"),
+    "ppo server on hf": ("ppo", dict(engine="hf", vllm_mode="server"), "stages.ppo.vllm_mode: 'server' is for grpo"),
+    "server without vllm": ("grpo", dict(engine="hf", vllm_mode="server"), "stages.grpo.vllm_mode: 'server' samples "
+                                                                          "from a vLLM server; set engine: vllm"),
+    "server with tp": ("rloo", dict(vllm_mode="server", tensor_parallel_size=2),
+                       "stages.rloo.tensor_parallel_size: with vllm_mode: server the server's own"),
+    "colocated tp over one process": ("grpo", dict(tensor_parallel_size=2), "stages.grpo.tensor_parallel_size: 2 "
+                                                                            "must divide the 1 training processes"),
+    "tp zero": ("ppo", dict(tensor_parallel_size=0), "stages.ppo.tensor_parallel_size: must be at least 1; got 0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(VLLM_LAYOUTS))
+def test_vllm_layout_mistakes_are_one_line_before_anything_loads(case, tiny_model, monkeypatch):
+    from align.stages import check_recipe, recipe_from_dict
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    stage_type, settings, expected = VLLM_LAYOUTS[case]
+    stage = dict(model=str(tiny_model), data=str(PROMPTS), reward_fn="test_grpo:no_filler", engine="vllm",
+                 **({"num_generations": 2, "batch_size": 4} if stage_type != "ppo" else {}))
+    recipe = recipe_from_dict({"output_dir": "unused", "seed": 0, "stages": {stage_type: {**stage, **settings}}})
+    with pytest.raises(AlignError) as e:
+        check_recipe(recipe)
+    assert str(e.value).startswith(expected) and "\n" not in str(e.value), str(e.value)
+
+
+def test_colocated_tensor_parallel_passes_with_a_multiple_of_its_processes(monkeypatch):
+    from align.stages.checks import check_tensor_parallel
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    check_tensor_parallel(vllm_stage("grpo", tensor_parallel_size=2), "stages.grpo")
+    check_tensor_parallel(vllm_stage("ppo", tensor_parallel_size=2), "stages.ppo")  # ppo: our engine, its own workers
+    with pytest.raises(AlignError, match="stages.grpo.tensor_parallel_size: 3 must divide the 4 training processes"):
+        check_tensor_parallel(vllm_stage("grpo", tensor_parallel_size=3), "stages.grpo")
+
+
+def test_server_keys_are_unknown_to_ppo(tiny_model, tmp_path):
+    stage = dict(model=str(tiny_model), data=str(PROMPTS), reward_fn="test_grpo:no_filler", vllm_server_port=8001)
+    recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "run", {"ppo": stage})
+    with pytest.raises(AlignError, match="unknown key 'stages.ppo.vllm_server_port'"):
+        load_recipe(recipe)
+
+
+def test_ppo_in_server_mode_exits_2_with_one_line(python, tiny_model, tmp_path):
+    stage = dict(model=str(tiny_model), data=str(PROMPTS), reward_fn="test_grpo:no_filler", engine="vllm",
+                 vllm_mode="server")
+    recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "run", {"ppo": stage})
+    r = subprocess.run([python, "-m", "align", "run", "--dry-run", str(recipe)], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(REPO / "tests")}, timeout=120)
+    assert r.returncode == 2, r.stderr
+    [line] = r.stderr.strip().splitlines()
+    assert line.startswith("align: error: stages.ppo.vllm_mode: 'server' is for grpo and rloo; ppo runs its vLLM")

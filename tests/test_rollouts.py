@@ -287,6 +287,10 @@ BAD_INPUTS = {
     "prompt longer than the context": ([{"prompt": "ok"}, {"prompt": "word " * 3000}], [],
                                        "prompt_longer_than_the_context.jsonl, line 2: field 'prompt' is"),
     "n zero": ([{"prompt": "ok"}], ["--n", "0"], "--n must be at least 1; got 0"),
+    "tensor parallel zero": ([{"prompt": "ok"}], ["--engine", "vllm", "--tensor-parallel-size", "0"],
+                             "--tensor-parallel-size must be at least 1; got 0"),
+    "tensor parallel on hf": ([{"prompt": "ok"}], ["--tensor-parallel-size", "2"],
+                              "--tensor-parallel-size is for --engine vllm"),
     "pairs without reward model": ([{"prompt": "ok"}], ["--pairs", "PAIRS"], "--pairs needs --reward-model"),
     "missing reward model": ([{"prompt": "ok"}], ["--reward-model", "no/such/rm"], "no/such/rm: no reward model"),
     "missing model": ([{"prompt": "ok"}], ["--model", "./no-such-model"], "./no-such-model: no such model folder"),
@@ -327,3 +331,297 @@ def test_bad_input_exits_2_from_the_real_command(tmp_path, lively_model):
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("align: error: engine vllm needs a CUDA GPU and `pip install 'align[vllm]'`")
+
+
+# --- The vLLM engine's own logic, on CPU: pure functions, and VLLMEngine over a stand-in for vllm ---
+
+class FakeSamplingParams:
+    """vllm.SamplingParams (0.30) as far as VLLMEngine uses it: these keyword names, and its refusals."""
+
+    def __init__(self, n=1, temperature=1.0, top_p=1.0, top_k=0, seed=None, max_tokens=16, ignore_eos=False,
+                 stop_token_ids=None, logprobs=None, detokenize=True):
+        if temperature < 1e-5 and n > 1:  # sampling_params.py, _verify_greedy_sampling
+            raise ValueError(f"n must be 1 when using greedy sampling, got {n}.")
+        if top_k < -1 or not 0 < top_p <= 1 or max_tokens < 1:
+            raise ValueError("bad sampling parameters")
+        self.n, self.temperature, self.seed, self.max_tokens, self.logprobs = n, temperature, seed, max_tokens, logprobs
+        self.stop_token_ids = stop_token_ids
+
+
+class FakeLLM:
+    """vllm.LLM on CPU: records what it is given; completion j of a request is drawn from `random.Random(seed + j)`
+    (as vLLM seeds a request's samples), greedily from the prompt alone."""
+
+    made: list = []
+
+    def __init__(self, **kwargs):
+        from types import SimpleNamespace
+
+        self.kwargs, self.requests, self.rpcs, self.rpc_error, self.prefix_resets = kwargs, [], [], None, 0
+        backend = kwargs.get("distributed_executor_backend") or ("uni" if kwargs["tensor_parallel_size"] == 1 else "mp")
+        self.llm_engine = SimpleNamespace(
+            engine_core=type("InprocClient", (), {})(),
+            vllm_config=SimpleNamespace(parallel_config=SimpleNamespace(distributed_executor_backend=backend)),
+            model_config=SimpleNamespace(max_model_len=kwargs["max_model_len"] or 2048))
+        FakeLLM.made.append(self)
+
+    def generate(self, prompts, params, use_tqdm=False):
+        import random
+        from types import SimpleNamespace
+
+        outputs = []
+        for prompt, p in zip(prompts, params):
+            self.requests.append(p)
+            samples = []
+            for j in range(p.n):
+                rng = random.Random(sum(prompt["prompt_token_ids"]) if p.temperature == 0 else
+                                    None if p.seed is None else p.seed + j)
+                tokens = [rng.randrange(10, 500) for _ in range(rng.randint(1, p.max_tokens))]
+                if rng.random() < 0.5 and len(tokens) < p.max_tokens:
+                    tokens.append(p.stop_token_ids[0])
+                logprobs = [{t: SimpleNamespace(logprob=-0.5)} for t in tokens] if p.logprobs is not None else None
+                samples.append(SimpleNamespace(index=j, token_ids=tokens, logprobs=logprobs))
+            outputs.append(SimpleNamespace(outputs=samples[::-1]))  # vLLM does not promise index order
+        return outputs
+
+    def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+        import threading
+
+        source = args[0]
+        if isinstance(source, str):  # the /dev/shm file: read while the call lasts, as the workers do
+            from safetensors import safe_open
+
+            with safe_open(source, framework="pt", device="cpu") as f:
+                source = [(name, f.get_tensor(name)) for name in f.keys()]
+        self.rpcs.append(dict(method=method, timeout=timeout, by_reference=not isinstance(args[0], str),
+                              weights=source, thread=threading.current_thread()))
+        if self.rpc_error is not None:
+            raise self.rpc_error
+        return [len(source)]
+
+    def reset_prefix_cache(self):
+        self.prefix_resets += 1
+        return True
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    """The engine's `import_vllm` (its one way to vLLM, the GPU check included) hands out the stand-in."""
+    import types
+
+    import align.rollouts.vllm
+
+    module = types.ModuleType("vllm")
+    module.LLM, module.SamplingParams = FakeLLM, FakeSamplingParams
+    monkeypatch.setattr(align.rollouts.vllm, "import_vllm", lambda: module)
+    FakeLLM.made = []
+    return FakeLLM
+
+
+def test_vllm_requests_give_every_completion_its_own_seed():
+    from align.rollouts.vllm import request_params
+
+    sampled = request_params(Sampling(seed=7, top_k=-3, max_new_tokens=5), n=3, eos=2, return_logps=True, prompts=4)
+    assert [r["seed"] for r in sampled] == [7, 10, 13, 16]  # prompt i: seed + i*n; vLLM adds j for completion j
+    rows = [r["seed"] + j for r in sampled for j in range(r["n"])]
+    assert rows == list(range(7, 7 + 4 * 3))  # completion j of prompt i: seed + row i*n + j, as the HF engine's rows
+    assert all(r["n"] == 3 and r["top_k"] == 0 and r["logprobs"] == 0 and r["stop_token_ids"] == [2] for r in sampled)
+    greedy = request_params(Sampling(temperature=0, seed=7), n=3, eos=2, return_logps=False, prompts=2)
+    assert all(r["n"] == 1 and r["temperature"] == 0 and r["seed"] is None and r["logprobs"] is None for r in greedy)
+    assert [r["seed"] for r in request_params(Sampling(seed=None), n=2, eos=2, return_logps=False, prompts=2)] == \
+        [None, None]
+
+
+def test_greedy_copies_are_equal_and_independent():
+    from align.rollouts import Completion
+    from align.rollouts.vllm import copies
+
+    one = Completion(prompt_ids=[1, 2], token_ids=[5, 6], text="hi", finished=True, logps=[-0.1, -0.2])
+    group = copies(one, 3)
+    assert len(group) == 3 and group[0] is one and all(c == one for c in group)
+    group[1].token_ids.append(9)
+    group[2].logps[0] = 0.0
+    assert one.token_ids == [5, 6] and one.logps == [-0.1, -0.2]
+    assert copies(one, 1) == [one]
+
+
+def test_sync_plan_and_the_llm_arguments():
+    from align.rollouts.vllm import llm_kwargs, sync_plan
+
+    assert sync_plan(True, "uni", 120.0) == (True, None)  # this process's worker: by reference; vLLM has no timeout
+    assert sync_plan(True, "mp", 120.0) == (False, 120.0)  # worker processes: the file, under the timeout
+    assert sync_plan(False, "uni", 120.0) == (False, None)  # engine core in another process, one GPU
+    one, two = llm_kwargs("m", "bfloat16", 0.3, 1, None, 0), llm_kwargs("m", "bfloat16", 0.3, 2, 256, 5)
+    assert "distributed_executor_backend" not in one and one["tensor_parallel_size"] == 1
+    assert two["tensor_parallel_size"] == 2 and two["distributed_executor_backend"] == "mp"
+    assert two["worker_extension_cls"] == "align.rollouts.vllm.WeightSyncExtension"
+
+
+def test_vllm_engine_greedy_n_seeds_and_rows(fake_vllm, lively_model):
+    tokenizer = load_tokenizer(str(lively_model))
+    engine = make_engine("vllm", str(lively_model), tokenizer, tensor_parallel_size=2, seed=3, max_model_len=512)
+    assert fake_vllm.made[-1].kwargs["tensor_parallel_size"] == 2 and engine.executor == "mp"
+
+    greedy = engine.generate(PROMPTS, n=3, sampling=Sampling(temperature=0, max_new_tokens=6), return_logps=True)
+    assert [r.n for r in fake_vllm.made[-1].requests] == [1] * len(PROMPTS)
+    assert all(len(g) == 3 and g[0] == g[1] == g[2] and g[0] is not g[1] for g in greedy)
+    assert engine.last_stats["tokens"] == sum(len(g[0].token_ids) for g in greedy)  # sampled once per prompt
+
+    sampling = Sampling(seed=11, max_new_tokens=6)
+    first, again = (engine.generate(PROMPTS, n=2, sampling=sampling) for _ in range(2))
+    assert [r.seed for r in fake_vllm.made[-1].requests[-len(PROMPTS):]] == [11 + 2 * i for i in range(len(PROMPTS))]
+    assert ids(first) == ids(again) and len({tuple(t) for g in ids(first) for t in g}) > len(PROMPTS)
+    eos = tokenizer.eos_token_id
+    assert all(c.finished == (c.token_ids[-1] == eos) and c.prompt_ids for g in first for c in g)
+
+
+def test_vllm_weight_sync_on_one_gpu_is_by_reference_on_the_calling_thread(fake_vllm, lively_model):
+    import threading
+
+    tokenizer = load_tokenizer(str(lively_model))
+    engine = make_engine("vllm", str(lively_model), tokenizer, sync_timeout=1e-6)
+    model = load_model(str(lively_model), dtype=FP32)
+    engine.load_weights(model)
+    [rpc] = fake_vllm.made[-1].rpcs
+    assert rpc["method"] == "align_load_weights" and rpc["by_reference"] and rpc["timeout"] is None
+    assert rpc["thread"] is threading.current_thread()
+    params = dict(model.named_parameters())
+    assert all(t.data_ptr() == params[name].data_ptr() for name, t in rpc["weights"])  # no copy
+    assert fake_vllm.made[-1].prefix_resets == 1 and engine.last_sync_seconds > 0
+
+
+def test_vllm_weight_sync_over_processes_uses_a_file_and_the_timeout(fake_vllm, lively_model):
+    tokenizer = load_tokenizer(str(lively_model))
+    engine = make_engine("vllm", str(lively_model), tokenizer, tensor_parallel_size=2, sync_timeout=5.0)
+    model = load_model(str(lively_model), dtype=FP32)
+    engine.load_weights(model)
+    [rpc] = fake_vllm.made[-1].rpcs
+    assert not rpc["by_reference"] and rpc["timeout"] == 5.0
+    assert {n for n, _ in rpc["weights"]} == {n for n, _ in model.named_parameters()}
+
+
+@pytest.mark.parametrize("error, expected", [
+    (TimeoutError("RPC call to align_load_weights timed out."), "vllm weight sync timed out after 5 s"),
+    (Exception("Call to collective_rpc method failed: RPC call to align_load_weights timed out."),
+     "vllm weight sync timed out after 5 s"),
+    (RuntimeError("Worker failed with error 'boom'"), "vllm weight sync failed (RuntimeError: Worker failed"),
+])
+def test_vllm_weight_sync_failures_are_one_line(fake_vllm, lively_model, error, expected):
+    tokenizer = load_tokenizer(str(lively_model))
+    engine = make_engine("vllm", str(lively_model), tokenizer, tensor_parallel_size=2, sync_timeout=5.0)
+    fake_vllm.made[-1].rpc_error = error
+    model = load_model(str(lively_model), dtype=FP32)
+    with pytest.raises(AlignError) as e:
+        engine.load_weights(model)
+    assert str(e.value).startswith(expected) and "\n" not in str(e.value)
+    if "timed out" in expected:  # the workers may still be loading: the engine refuses to go on
+        for use in (lambda: engine.generate(["hi"]), lambda: engine.load_weights(model)):
+            with pytest.raises(AlignError, match="cannot be used after a weight sync that timed out"):
+                use()
+    else:
+        engine.generate(["hi"], sampling=Sampling(max_new_tokens=2))
+
+
+def test_worker_extension_synchronizes_around_the_load(monkeypatch):
+    from types import SimpleNamespace
+
+    from align.rollouts.vllm import WeightSyncExtension
+
+    events = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: events.append("synchronize"))
+    model = SimpleNamespace(load_weights=lambda weights: events.append(("load", [n for n, _ in weights])))
+    worker = SimpleNamespace(model_runner=SimpleNamespace(get_model=lambda: model))
+    assert WeightSyncExtension.align_load_weights(worker, [("a", torch.zeros(1)), ("b", torch.ones(1))]) == 2
+    assert events == ["synchronize", ("load", ["a", "b"]), "synchronize"]
+
+
+def test_cli_tensor_parallel_and_greedy_n_reach_the_vllm_engine(fake_vllm, lively_model, tmp_path, capsys):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": p} for p in PROMPTS])
+    out = tmp_path / "out.jsonl"
+    code = main(["-q", "rollouts", "--model", str(lively_model), "--prompts", str(prompts), "--out", str(out),
+                 "--engine", "vllm", "--tensor-parallel-size", "2", "--gpu-memory-utilization", "0.5",
+                 "--temperature", "0", "--n", "3", "--max-new-tokens", "4", "--seed", "9"])
+    assert code == 0, capsys.readouterr().err
+    llm = fake_vllm.made[-1]
+    assert llm.kwargs["tensor_parallel_size"] == 2 and llm.kwargs["distributed_executor_backend"] == "mp"
+    assert llm.kwargs["gpu_memory_utilization"] == 0.5 and llm.kwargs["seed"] == 9
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(r["engine"] == "vllm" and len(r["completions"]) == 3 and len(set(r["completions"])) == 1
+               for r in rows)
+
+
+def assert_pushed_equals_peft_merge(policy):
+    from align.rollouts.vllm import full_weights
+
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    pushed = dict(full_weights(policy))
+    expected = dict(copy.deepcopy(policy).merge_and_unload().named_parameters())
+    assert set(pushed) == set(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(pushed[name], tensor.detach(), rtol=0, atol=1e-5)
+    assert all(torch.equal(p, before[n]) for n, p in policy.named_parameters())  # the training model untouched
+    return pushed
+
+
+@pytest.mark.parametrize("variant", [dict(use_rslora=True), dict(use_dora=True),
+                                     dict(rank_pattern={"q_proj": 2}, alpha_pattern={"v_proj": 32})])
+def test_weight_sync_merges_rslora_dora_and_per_module_ranks_as_peft_does(lively_model, variant):
+    from peft import LoraConfig, get_peft_model
+
+    base = load_model(str(lively_model), dtype=FP32)
+    q_before = base.get_submodule("model.layers.0.self_attn.q_proj").weight.detach().clone()
+    policy = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                             init_lora_weights=False, **variant))
+    if variant.get("use_dora"):
+        with torch.no_grad():  # a magnitude that differs from the weight norm: DoRA's own part of the update
+            for name, p in policy.named_parameters():
+                if "lora_magnitude_vector" in name:
+                    p.mul_(1.5)
+    pushed = assert_pushed_equals_peft_merge(policy)
+    assert not torch.allclose(pushed["model.layers.0.self_attn.q_proj.weight"], q_before)
+
+
+def test_weight_sync_merges_lora_bias_into_the_layer_bias():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    toy = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4, bias=False))
+    policy = get_peft_model(toy, LoraConfig(r=2, lora_alpha=4, target_modules=["0"], lora_bias=True,
+                                            init_lora_weights=False))
+    with torch.no_grad():
+        policy.base_model.model[0].lora_B["default"].bias.add_(0.5)
+    pushed = assert_pushed_equals_peft_merge(policy)
+    assert not torch.allclose(pushed["0.bias"], toy[0].base_layer.bias)
+
+
+def refusal(policy) -> str:
+    from align.rollouts.vllm import full_weights
+
+    with pytest.raises(AlignError) as e:
+        full_weights(policy)
+    assert "\n" not in str(e.value) and str(e.value).startswith("engine vllm: ")
+    return str(e.value)
+
+
+def test_weight_sync_refuses_what_it_cannot_merge(lively_model):
+    import warnings
+
+    from peft import IA3Config, LoraConfig, get_peft_model
+
+    alora = get_peft_model(load_model(str(lively_model), dtype=FP32),
+                           LoraConfig(r=4, target_modules=["q_proj"], alora_invocation_tokens=[5, 6],
+                                      task_type="CAUSAL_LM"))
+    assert "q_proj uses the variant ALoraLinearVariant, which weight sync cannot merge" in refusal(alora)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT warns that such an adapter cannot be merged: the point here
+        toy = torch.nn.Sequential(torch.nn.Linear(8, 8, bias=False))
+        biased = get_peft_model(toy, LoraConfig(r=2, target_modules=["0"], lora_bias=True))
+    assert "has lora_bias but base_model.model.0 has no bias" in refusal(biased)
+    ia3 = get_peft_model(load_model(str(lively_model), dtype=FP32),
+                         IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"]))
+    assert "weight sync merges LoRA adapters only" in refusal(ia3)
+    # A disabled adapter is not merged, so nothing to refuse: the base weights go as they are.
+    from align.rollouts.vllm import full_weights
+
+    with alora.disable_adapter():
+        assert {n for n, _ in full_weights(alora)} == {n for n, _ in load_model(str(lively_model)).named_parameters()}

@@ -28,7 +28,9 @@ class Sampling:
     temperature: float = 1.0  # 0 is greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 turns top-k off
-    seed: int | None = None  # same seed, prompts and batch size -> same completions
+    # Same seed, prompts and n -> same completions (hf: and the same batch_size). Completion j of prompt i is
+    # row i*n + j in both engines; vllm draws it with seed + i*n + j.
+    seed: int | None = None
 
 
 @dataclass
@@ -62,7 +64,7 @@ def encode_prompts(tokenizer, prompts: list, max_new_tokens: int, context: int |
 
 def make_engine(kind: str, model, tokenizer, **options):
     """`hf`: `model` is a loaded causal LM (sampled in place). `vllm`: `model` is a model folder;
-    options: gpu_memory_utilization, tensor_parallel_size, sync_timeout, max_model_len."""
+    options: gpu_memory_utilization, tensor_parallel_size, sync_timeout, max_model_len, seed, dtype."""
     if kind == "hf":
         from align.rollouts.hf import HFEngine
 

@@ -68,7 +68,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="hf: sequences (prompts x n) per generate call; also the reward scoring batch (default 32)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="vllm: share of GPU memory vLLM may take (default 0.9; nothing else runs beside it here)")
-    p.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs to shard the model over (default 1)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="vllm: GPUs of this machine to shard the model over, one worker process each (default 1)")
     return p
 
 
@@ -86,6 +87,12 @@ def check_args(args) -> None:
         raise AlignError(f"--top-p must be in (0, 1]; got {args.top_p}")
     if args.top_k < 0:
         raise AlignError(f"--top-k must be 0 (off) or more; got {args.top_k}")
+    if args.tensor_parallel_size < 1:
+        raise AlignError(f"--tensor-parallel-size must be at least 1; got {args.tensor_parallel_size}")
+    if args.tensor_parallel_size > 1 and args.engine != "vllm":
+        raise AlignError("--tensor-parallel-size is for --engine vllm; the hf engine samples on one device")
+    if not 0 < args.gpu_memory_utilization <= 1:
+        raise AlignError(f"--gpu-memory-utilization must be in (0, 1]; got {args.gpu_memory_utilization}")
     if args.min_margin < 0:
         raise AlignError(f"--min-margin must be 0 or more; got {args.min_margin}")
     if args.pairs and not args.reward_model:
