@@ -12,7 +12,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-slow demo bench clean
+.PHONY: install install-vllm test test-slow demo bench gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,15 @@ $(STAMP): pyproject.toml | $(PY)
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# vLLM for `engine: vllm` (CUDA only): the `vllm` extra, pinned to vllm==0.30.0, installed with pip constrained
+# to the torch and transformers this venv already has, so pip stops with a conflict instead of replacing them.
+VLLM_CONSTRAINTS := $(VENV)/vllm-constraints.txt
+
+install-vllm: install
+	$(PY) -c "from importlib.metadata import version as v; print(f'torch=={v(\"torch\")}\ntransformers=={v(\"transformers\")}')" > $(VLLM_CONSTRAINTS)
+	$(PIP) install -c $(VLLM_CONSTRAINTS) -e '.[vllm]'
+	$(PIP) check
 
 $(CHROMIUM):
 	$(SUDO) apt-get update -q
@@ -46,6 +55,15 @@ demo: install
 bench: install
 	$(PY) bench/dpo_throughput.py
 	$(PY) bench/labeling_load.py
+
+# The GPU check (bench/gpu_check.py): QLoRA, FSDP2/ZeRO-2, PPO with vLLM, rollouts, `pytest -m gpu`, in one
+# command under 8 minutes on one H100, one JSON summary ($OUT/gpu_check.json, else gpu_check.json). DRY=1 prints
+# the plan and runs nothing. No install step: a GPU machine has no network, so it runs with the venv's python
+# when there is one, else that machine's python3 (align found through the repository, no install needed).
+GPU_PY := $(if $(wildcard $(PY)),$(PY),python3)
+
+gpu-check:
+	$(GPU_PY) bench/gpu_check.py $(if $(DRY),--dry-run)
 
 clean:
 	rm -rf runs $(VENV)

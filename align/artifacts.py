@@ -11,6 +11,9 @@
 
 Every file is written to a temporary name in the same folder and renamed, and the model
 folder is saved to `model.tmp-*` and renamed, so a reader sees all of it or none of it.
+
+Several processes (`align.distributed`): the writers here do nothing on ranks other than 0, so
+one process writes every artifact; `any_rank=True` is for a rank's own failure record.
 """
 
 from __future__ import annotations
@@ -28,14 +31,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from align.distributed import is_main
+
 CHECKPOINT_OK = "align_checkpoint_ok"
 
 
-def write_json(path: str | Path, data: Any) -> None:
-    write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+def write_json(path: str | Path, data: Any, any_rank: bool = False) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n", any_rank=any_rank)
 
 
-def write_text(path: str | Path, text: str) -> None:
+def write_text(path: str | Path, text: str, any_rank: bool = False) -> None:
+    if not (any_rank or is_main()):
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -58,7 +65,9 @@ def read_json(path: str | Path) -> Any | None:
 
 
 def save_folder_atomically(out: Path, save) -> None:
-    """Call `save(tmp_folder)`, then swap the folder into place at `out`."""
+    """Call `save(tmp_folder)`, then swap the folder into place at `out` (rank 0 only)."""
+    if not is_main():
+        return
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
     try:
@@ -109,10 +118,14 @@ class StepLog:
         self.path = path
 
     def truncate_after(self, step: int) -> None:
+        if not is_main():
+            return
         kept = [r for r in self.read() if r.get("step", 0) <= step]
         write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def append(self, record: dict) -> None:
+        if not is_main():
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -139,6 +152,8 @@ def complete_checkpoints(folder: Path) -> list[Path]:
 
 
 def drop_incomplete_checkpoints(folder: Path) -> list[str]:
+    if not is_main():
+        return []
     dropped = []
     for p in folder.glob("checkpoint-*") if folder.is_dir() else []:
         if not (p / CHECKPOINT_OK).exists():

@@ -20,6 +20,7 @@ EPILOG = """examples:
   align tiny-model /tmp/tiny                 build a tiny offline model in seconds
   align run recipes/tiny-sft.yaml            run every stage of a recipe
   align run recipes/tiny-sft.yaml stages.sft.lr=1e-4 output_dir=/tmp/x
+  align run --nproc 2 recipes/tiny-sft.yaml  data-parallel over 2 processes (torchrun)
   align demo                                 the real-model demo on CPU
   align rollouts --model tiny --prompts recipes/data/tiny_prompts.jsonl --n 4 --out r.jsonl
   align label serve --db labels.sqlite       the preference labeling app
@@ -52,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true",
                      help="run every check that needs no weights (every stage's data rows, model paths, rewards, "
                           "batch shapes), print the plan, train nothing")
+    run.add_argument("--nproc", type=int, default=1, metavar="N",
+                     help="data-parallel over N local processes (launches torchrun for you: gloo in fp32 on CPU, "
+                          "NCCL on GPUs; each rank takes 1/N of every batch; rank 0 writes). Several machines, FSDP "
+                          "or DeepSpeed: accelerate launch --config_file recipes/accelerate/X.yaml -m align run RECIPE")
     run.add_argument("-v", "--verbose", action="store_true",
                      help="also show on the terminal what goes to each stage's run.log: the trainer's per-step "
                           "metrics, library log records, warnings and data-processing bars")
@@ -131,8 +136,17 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_label(args)
     except AlignError as e:
-        print(f"align: error: {e}", file=sys.stderr)
+        from align.distributed import rank, world_size
+
+        where = f"rank {rank()}: " if world_size() > 1 else ""
+        print(f"align: error: {where}{e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from align.distributed import peer_lost
+
+        if peer_lost(e):  # another rank failed first; it and the launcher say why, this rank stays quiet
+            return 1
+        raise
     except KeyboardInterrupt:
         print("align: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
@@ -150,12 +164,26 @@ def cmd_run(args) -> int:
     from align.runner import plan, run_recipe
     from align.stages import load_recipe
 
+    from align.distributed import world_size
+
     recipe = load_recipe(args.recipe, args.overrides)
     if args.dry_run:
         print(plan(recipe))
         return 0
+    if args.nproc > 1 and world_size() == 1:
+        from align.launch import launch
+        from align.stages import check_recipe
+
+        check_recipe(recipe)  # bad input is one line from here, not one per rank
+
+        argv = (["-q"] if args.quiet else []) + ["run", args.recipe, *args.overrides] + \
+            [a for s in args.stage or [] for a in ("--stage", s)] + (["--verbose"] if args.verbose else [])
+        return launch(args.nproc, argv, recipe)
     run_recipe(recipe, only=args.stage)
-    print(f"done: {recipe.output_dir}/report.md")
+    from align.distributed import is_main
+
+    if is_main():
+        print(f"done: {recipe.output_dir}/report.md")
     return 0
 
 

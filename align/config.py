@@ -63,6 +63,8 @@ class TrainStage:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     lora: LoraSettings | None = None  # null trains all weights
+    # QLoRA: the frozen base loaded 4-bit (nf4) or 8-bit through bitsandbytes, `lora:` trained on it; CUDA GPU only
+    quantization: Literal["nf4", "int8"] | None = None
     gradient_checkpointing: bool = False  # True trades compute for activation memory
     logging_steps: int = 10
     eval_steps: int = 50  # 0 evaluates only at the end
@@ -144,6 +146,9 @@ class OnlineStage(PolicyStage, PolicyEval):
     engine: Literal["hf", "vllm"] = "hf"  # vllm needs a CUDA GPU and `pip install align[vllm]`
     gpu_memory_utilization: float = 0.3  # vLLM's share of GPU memory; the trainer needs the rest
     tensor_parallel_size: int = 1  # vLLM GPUs per engine
+    # engine: vllm: `colocate` runs vLLM in the training process; `server` (GRPO/RLOO) samples from a running
+    # `trl vllm-serve`, found through the vllm_server_* keys
+    vllm_mode: Literal["colocate", "server"] = "colocate"
 
 
 @dataclass
@@ -174,7 +179,18 @@ class PPOStage(OnlineStage):
 
 
 @dataclass
-class GRPOStage(OnlineStage):
+class VLLMServer:
+    """GRPO/RLOO with `engine: vllm` and `vllm_mode: server`: where TRL finds the `trl vllm-serve` it samples
+    from and sends the new weights to after each step (TRL's GRPOConfig/RLOOConfig fields of the same names)."""
+
+    vllm_server_base_url: str | None = None  # e.g. http://10.0.0.2:8000; when set, host and port are not used
+    vllm_server_host: str = "0.0.0.0"
+    vllm_server_port: int = 8000
+    vllm_server_timeout: float = 240.0  # seconds to wait for the server to come up before the stage fails
+
+
+@dataclass
+class GRPOStage(OnlineStage, VLLMServer):
     """GRPO over TRL's GRPOTrainer: group-normalised rewards over `num_generations` samples per prompt."""
 
     num_generations: int = 4  # completions per prompt; batch_size must be a multiple of it
@@ -185,7 +201,7 @@ class GRPOStage(OnlineStage):
 
 
 @dataclass
-class RLOOStage(OnlineStage):
+class RLOOStage(OnlineStage, VLLMServer):
     """RLOO over TRL's RLOOTrainer: each sample's baseline is the mean reward of the other samples."""
 
     num_generations: int = 4  # completions per prompt; batch_size must be a multiple of it
@@ -310,6 +326,10 @@ def recipe_from_dict(raw: dict, *, stage_types: dict[str, type[TrainStage]], sou
             if str((stages_raw.get(target_name) or {}).get("type") or target_name) != "reward":
                 raise AlignError(f"{ctx.origin(key + '.reward_model')}: '{key}.reward_model' must name a stage "
                                  "of type reward")
+        if stage.quantization and not stage.lora:
+            raise AlignError(f"{ctx.origin(key + '.quantization')}: '{key}.quantization: {stage.quantization}' needs "
+                             f"'{key}.lora' (QLoRA trains an adapter on the frozen quantized base); add a lora section "
+                             "or remove quantization")
         if not 0.0 <= stage.eval_fraction < 1.0:
             raise AlignError(f"{ctx.origin(key + '.eval_fraction')}: '{key}.eval_fraction' must be in [0, 1), "
                              f"got {stage.eval_fraction}")

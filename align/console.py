@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 log = logging.getLogger("align")
 
-LIBRARY_LOGGERS = ("transformers", "trl", "datasets", "accelerate", "peft", "torch", "huggingface_hub")
+LIBRARY_LOGGERS = ("transformers", "trl", "datasets", "accelerate", "peft", "torch", "huggingface_hub", "bitsandbytes")
 
 # Set once by `configure` (the CLI's --verbose / --quiet); code that never calls it gets the quiet terminal.
 terminal = {"verbose": False, "quiet": False}
@@ -28,11 +28,15 @@ terminal = {"verbose": False, "quiet": False}
 def configure(verbose: bool = False, quiet: bool = False) -> None:
     """Terminal logging for the whole process: `<logger>: message` lines on stderr. Outside a stage the
     libraries say only errors and draw no bars unless verbose; inside one, `capture_stage_output` decides."""
+    from align.distributed import is_main
+
+    quiet = quiet or not is_main()  # several processes: rank 0 speaks for all; the others say only problems
     terminal.update(verbose=verbose, quiet=quiet)
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(name)s: %(message)s",
                         stream=sys.stderr)
     if verbose:
         return
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU backend warns at import about kernels
     with contextlib.suppress(ImportError):
         import transformers
 
@@ -85,9 +89,13 @@ def capture_stage_output(stage_dir: Path, verbose: bool | None = None):
     import torch  # noqa: F401
     import transformers.utils.logging as hf_logging
 
+    from align.distributed import rank
+
     verbose = terminal["verbose"] if verbose is None else verbose
     stage_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(stage_dir / "run.log", mode="a", encoding="utf-8")
+    # Rank 0 writes run.log; another rank (several processes) keeps its own, for when it is the one that fails.
+    log_name = "run.log" if rank() == 0 else f"run.rank{rank()}.log"
+    handler = logging.FileHandler(stage_dir / log_name, mode="a", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s", "%H:%M:%S"))
     log.addHandler(handler)  # our own lines: terminal and run.log
 

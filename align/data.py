@@ -426,3 +426,23 @@ def _hash_file(h, path: Path) -> None:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
+
+
+def trainer_dataset(rows: list[dict], folder: Path):
+    """`rows` as a `datasets.Dataset` for a TRL trainer. One process: in memory. Several: written once by rank 0
+    to `folder` and opened by every rank, so the cache files TRL's rank 0 writes next to it (DPO's and KTO's
+    precomputed reference log-probs) are files the other ranks can open; an in-memory dataset keeps them in a
+    temporary folder of each process's own, where the other ranks fail to find them."""
+    import shutil
+
+    from datasets import Dataset, load_from_disk
+
+    from align.distributed import barrier, is_main, world_size
+
+    if world_size() == 1:
+        return Dataset.from_list(rows)
+    if is_main():
+        shutil.rmtree(folder, ignore_errors=True)
+        Dataset.from_list(rows).save_to_disk(str(folder))
+    barrier()
+    return load_from_disk(str(folder))

@@ -30,10 +30,19 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  sum_over=None) -> torch.Tensor:
     """(x - mean) / std over masked positions; padding stays 0. With shift_mean=False the mean is kept
-    (used for advantages when only their scale should change)."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    (used for advantages when only their scale should change). `sum_over`: a function summing a tensor
+    over processes (`align.distributed.all_sum`), so that several ranks whiten with the global mean and
+    variance of all their tokens; by default this rank's alone."""
+    if sum_over is None:
+        mean, var = masked_mean(x, mask), masked_var(x, mask)
+    else:
+        n = sum_over(mask.sum().to(torch.float64))
+        mean = (sum_over(masked_sum(x, mask).to(torch.float64)) / n.clamp(min=1)).to(x.dtype)
+        var = sum_over(masked_sum((x - mean) ** 2, mask).to(torch.float64)) / n.clamp(min=1)
+        var = (var * n / (n - 1) if n > 1 else var).to(x.dtype)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

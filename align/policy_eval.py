@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 
 from align.artifacts import read_json, write_json, write_text
+from align.distributed import decide
 from align.generate import greedy_completions
 
 log = logging.getLogger("align")
@@ -22,7 +23,7 @@ log = logging.getLogger("align")
 def completions_before(model, tokenizer, prompts: list, out_dir: Path, max_new_tokens: int) -> list[str]:
     """Greedy completions of the starting policy, saved so a resumed run reuses them."""
     path = out_dir / "eval_completions_before.json"
-    saved = read_json(path)
+    saved = decide(lambda: read_json(path))  # several processes: each answers every prompt; rank 0 writes
     if saved is not None and len(saved) == len(prompts):
         return saved
     log.info("scoring set: greedy completions of %d held-out prompts from the starting policy", len(prompts))

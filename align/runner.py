@@ -13,7 +13,8 @@ import logging
 import shutil
 from pathlib import Path
 
-from align.artifacts import hash_json, library_versions, now, read_json, write_json
+from align import distributed
+from align.artifacts import hash_json, library_versions, now, peak_rss_mb, read_json, write_json
 from align.config import STAGE_REF, Recipe, config_dict
 from align.console import capture_stage_output
 from align.data import fingerprint
@@ -71,12 +72,15 @@ def stage_inputs(recipe: Recipe, name: str) -> tuple[str, str | None, dict]:
 
 
 def run_recipe(recipe: Recipe, only: list[str] | None = None) -> dict[str, dict]:
+    """Every stage of `recipe` in order. Under a launcher every rank calls this; rank 0 alone writes."""
     unknown = [s for s in (only or []) if s not in recipe.stages]
     if unknown:
         raise AlignError(f"--stage {unknown[0]}: no such stage; the recipe has: {', '.join(recipe.stages)}")
+    distributed.setup()
     check_recipe(recipe)  # every stage, before the first one trains or anything is written
     out = Path(recipe.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
     write_json(out / "recipe.json", {"name": recipe.name, "seed": recipe.seed, "output_dir": recipe.output_dir,
                                      "stages": {n: config_dict(s) for n, s in recipe.stages.items()}})
     results = {}
@@ -84,14 +88,16 @@ def run_recipe(recipe: Recipe, only: list[str] | None = None) -> dict[str, dict]
         if only and name not in only:
             continue
         results[name] = run_stage(recipe, name)
-    write_report(recipe)
+    if distributed.is_main():
+        write_report(recipe)
     return results
 
 
-def run_stage(recipe: Recipe, name: str) -> dict:
+def open_stage(recipe: Recipe, name: str, inputs: dict, model_path: str) -> dict | None:
+    """Rank 0's decision for one stage: None to skip it (complete with the same inputs), else the
+    `running` manifest it wrote (a stale folder removed, an unfinished run's attempts counted)."""
     stage = recipe.stages[name]
     out_dir = recipe.stage_dir(name)
-    model_path, reward_path, inputs = stage_inputs(recipe, name)
     input_hash = hash_json(inputs)
     manifest_path = out_dir / "manifest.json"
     manifest = read_json(manifest_path) or {}
@@ -99,7 +105,7 @@ def run_stage(recipe: Recipe, name: str) -> dict:
     if manifest.get("input_hash") == input_hash and manifest.get("status") == "complete" \
             and (out_dir / "model").is_dir():
         log.info("stage %s: complete with the same inputs (%s); skipping", name, input_hash[:12])
-        return read_json(out_dir / "metrics.json") or {}
+        return None
     if manifest and manifest.get("input_hash") != input_hash:
         log.info("stage %s: inputs changed since the last run; starting it over in %s", name, out_dir)
         shutil.rmtree(out_dir)
@@ -116,26 +122,58 @@ def run_stage(recipe: Recipe, name: str) -> dict:
         "config": config_dict(stage),
         "model_path": model_path,
         "versions": library_versions(),
+        "world_size": distributed.world_size(),
+        "launcher": distributed.launcher(),
         "started_at": manifest.get("started_at") or now(),
         "attempts": manifest.get("attempts", 0) + 1,
         "ended_at": None,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(manifest_path, manifest)
-    log.info("stage %s (%s): model %s, data %s -> %s", name, stage.type, stage.model, stage.data, out_dir)
+    log.info("stage %s (%s): model %s, data %s -> %s%s", name, stage.type, stage.model, stage.data, out_dir,
+             f", {manifest['world_size']} processes ({manifest['launcher']})" if manifest["world_size"] > 1 else "")
+    return manifest
+
+
+def run_stage(recipe: Recipe, name: str) -> dict:
+    stage = recipe.stages[name]
+    out_dir = recipe.stage_dir(name)
+    # Decided once, on rank 0, and handed to every rank: no rank reads a manifest another is writing.
+    model_path, reward_path, inputs = distributed.decide(lambda: stage_inputs(recipe, name))
+    manifest = distributed.decide(lambda: open_stage(recipe, name, inputs, model_path))
+    if manifest is None:
+        return distributed.decide(lambda: read_json(out_dir / "metrics.json") or {})
+    manifest_path = out_dir / "manifest.json"
     try:
         extra = {"reward_path": reward_path} if reward_path else {}
         with capture_stage_output(out_dir):  # library logs, warnings and per-step dicts -> out_dir/run.log
             metrics = STAGES[stage.type].run(stage, name, out_dir, model_path, **extra)
     except BaseException as e:
-        manifest.update(status="failed", error=f"{e.__class__.__name__}: {e}"[:500], ended_at=now())
-        write_json(manifest_path, manifest)
+        if distributed.peer_lost(e):
+            raise  # another rank failed: it, or `align run --nproc`, records why
+        where = f"rank {distributed.rank()}: " if distributed.world_size() > 1 else ""
+        # Any rank records its own failure: the others may already be gone.
+        manifest.update(status="failed", error=f"{where}{e.__class__.__name__}: {e}"[:500], ended_at=now())
+        write_json(manifest_path, manifest, any_rank=True)
         raise
+    manifest["peak_memory_mb_per_rank"] = distributed.gather(peak_memory_mb())
+    metrics.setdefault("world_size", distributed.world_size())
     write_json(out_dir / "metrics.json", metrics)
     manifest.update(status="complete", ended_at=now())
     write_json(manifest_path, manifest)
     log.info("stage %s: complete, %s", name, summary_line(stage.type, metrics))
+    distributed.barrier()  # the next stage's rank 0 decision reads what was just written
     return metrics
+
+
+def peak_memory_mb() -> dict:
+    """This process's peak resident memory, and its peak GPU memory when it has a GPU."""
+    import torch
+
+    peaks = {"rss": round(peak_rss_mb(), 1)}
+    if torch.cuda.is_available():
+        peaks["gpu"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return peaks
 
 
 def plan(recipe: Recipe) -> str:

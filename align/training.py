@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from align import distributed
 from align.artifacts import (CHECKPOINT_OK, StepLog, complete_checkpoints, drop_incomplete_checkpoints,
-                             peak_rss_mb, read_json, save_folder_atomically, write_json)
+                             peak_rss_mb, read_json, save_folder_atomically, write_json, write_text)
 from align.config import TrainStage
 from align.console import progress_bar
 from align.models import use_bf16
@@ -45,7 +46,9 @@ def trainer_args(stage: TrainStage, out_dir: Path, has_eval: bool) -> dict:
         weight_decay=stage.weight_decay,
         max_grad_norm=stage.max_grad_norm,
         activation_checkpointing=stage.gradient_checkpointing,
-        bf16=bf16,  # TRL defaults to bf16, which fails or crawls on most CPUs
+        bf16=bf16,  # TRL defaults to bf16, which fails or crawls on most CPUs (and gloo cannot all-reduce it)
+        # Without it accelerate picks no distributed mode for CPU processes under torchrun (MULTI_CPU needs cpu).
+        use_cpu=not torch.cuda.is_available(),
         fp16=False,
         logging_steps=stage.logging_steps,
         logging_first_step=True,
@@ -59,6 +62,7 @@ def trainer_args(stage: TrainStage, out_dir: Path, has_eval: bool) -> dict:
         data_seed=stage.seed,
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # every trainable weight takes part in each forward; True costs a graph walk
         dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=True,  # AlignCallback draws the bar; the per-step dicts go to run.log (align.console)
         save_only_model=False,  # optimizer, scheduler and RNG go into checkpoints: resume is exact
@@ -110,11 +114,13 @@ class AlignCallback(TrainerCallback):
         self.step_log.append(record)
 
     def on_save(self, args, state, control, **kwargs):
-        # Called after the trainer wrote model, optimizer, scheduler, RNG and trainer_state:
-        # only now does the checkpoint count as one to resume from.
+        # Called after the trainer wrote model, optimizer, scheduler, RNG and trainer_state: only now does
+        # the checkpoint count as one to resume from. Several processes: each wrote its own RNG state, so
+        # rank 0 marks the checkpoint once every rank is past its save.
+        distributed.barrier()
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if ckpt.is_dir():
-            (ckpt / CHECKPOINT_OK).write_text(str(state.global_step))
+        if distributed.is_main() and ckpt.is_dir():
+            write_text(ckpt / CHECKPOINT_OK, str(state.global_step))
 
 
 def resume_point(out_dir: Path) -> Path | None:
@@ -126,11 +132,16 @@ def resume_point(out_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def _resume_point_and_tokens(out_dir: Path) -> tuple[Path | None, int]:
+    ckpt = resume_point(out_dir)
+    return ckpt, (read_json(ckpt / "trainer_state.json") or {}).get("num_input_tokens_seen", 0) if ckpt else 0
+
+
 def train_with_resume(trainer, out_dir: Path, step_log: StepLog) -> dict:
     """Train, resuming from the newest complete checkpoint if a killed run left one."""
-    ckpt = resume_point(out_dir)
-    # Read now: checkpoint rotation may delete the one we resume from during training.
-    start_tokens = (read_json(ckpt / "trainer_state.json") or {}).get("num_input_tokens_seen", 0) if ckpt else 0
+    # Chosen on rank 0 (which drops half-written checkpoints) and handed to every rank. Read now: checkpoint
+    # rotation may delete the one we resume from during training.
+    ckpt, start_tokens = distributed.decide(lambda: _resume_point_and_tokens(out_dir))
     if ckpt is not None:
         step = int(ckpt.name.rsplit("-", 1)[1])
         log.info("resuming from %s (step %d)", ckpt, step)
@@ -151,27 +162,60 @@ def train_with_eval(trainer, out_dir: Path, step_log: StepLog, has_eval: bool) -
     The "before" numbers are measured once and kept in `eval_before.json`, so a resumed run
     reports the true starting point rather than its checkpoint's."""
     before_path = out_dir / "eval_before.json"
-    before = read_json(before_path) or {}
-    if has_eval and not before:
+    before = distributed.decide(lambda: read_json(before_path) or {})
+    if has_eval and not before:  # every rank evaluates (the eval set is sharded); rank 0 writes
         before = trainer.evaluate()
         write_json(before_path, before)
+    unmark_eval_prepared(trainer)
     metrics = train_with_resume(trainer, out_dir, step_log)
     after = trainer.evaluate() if has_eval else {}
     return before, metrics, after
 
 
-def save_model(model, tokenizer, out: Path, merge_lora: bool) -> None:
-    """Save the policy to `out` atomically: a PEFT adapter (or merged weights on request)."""
+def unmark_eval_prepared(trainer) -> None:
+    """transformers 5.23 + accelerate 1.15: `evaluate()` before `train()` prepares the model in evaluation
+    mode and marks it prepared; `train()`'s `accelerator.prepare` then skips it, so under DDP the model is
+    never wrapped and each rank trains its own copy on its own shard, silently (measured: 2 ranks ended
+    with different weights). Drop the mark so that `train()` wraps the model."""
+    model = trainer.model
+    if trainer.model_wrapped is model and getattr(model, "_is_accelerate_prepared", False):
+        model._is_accelerate_prepared = False
+
+
+def save_model(model, tokenizer, out: Path, merge_lora: bool, trainer=None, state_dict: dict | None = None) -> None:
+    """Save the policy to `out` atomically: a PEFT adapter (or merged weights on request).
+
+    Several processes: every rank calls this. Under FSDP or ZeRO-3 the weights are sharded, so the full
+    state dict is gathered first (a collective: all ranks take part; from `trainer`'s accelerator, or given
+    as `state_dict`) and rank 0 writes it."""
     from peft import PeftModel
+
+    if trainer is not None:
+        state_dict = gathered_state_dict(trainer.accelerator, trainer.model_wrapped)
 
     def save(tmp: Path) -> None:
         to_save = model
         if isinstance(model, PeftModel) and merge_lora:
             to_save = model.merge_and_unload()
-        to_save.save_pretrained(tmp)
+        if state_dict is not None and to_save is model:
+            to_save.save_pretrained(tmp, state_dict=state_dict)
+        else:
+            to_save.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
     save_folder_atomically(out, save)
+    distributed.barrier()  # no rank goes on (to the next stage) before the model is on disk
+
+
+def gathered_state_dict(accelerator, wrapped) -> dict | None:
+    """The full state dict of a sharded (FSDP, ZeRO-3) model, gathered; None otherwise (one process, DDP,
+    ZeRO-1/2: every rank already holds all the weights)."""
+    from accelerate.utils import DistributedType
+
+    sharded = accelerator.distributed_type == DistributedType.FSDP or (
+        accelerator.distributed_type == DistributedType.DEEPSPEED
+        and accelerator.deepspeed_config["zero_optimization"]["stage"] == 3)
+    return accelerator.get_state_dict(wrapped) if sharded else None
 
 
 def finite(x):

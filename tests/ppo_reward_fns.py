@@ -1,6 +1,8 @@
 """Reward functions the PPO tests name in recipes as `ppo_reward_fns:<name>`."""
 
 import math
+import os
+import signal
 
 calls = {"n": 0}
 
@@ -19,3 +21,10 @@ def always_nan(prompts, completions):
 
 
 not_a_function = 3
+
+
+def killed_on_rank_1(prompts, completions):
+    """0 everywhere; on rank 1 of a multi-process run the process is killed (as by the OOM killer)."""
+    if os.environ.get("RANK") == "1":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return [0.0] * len(completions)

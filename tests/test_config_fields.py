@@ -21,7 +21,8 @@ from align.stages import STAGES, recipe_from_dict
 from conftest import REPO, TINY_PREFS, TINY_SFT
 
 PROMPTS = REPO / "recipes" / "data" / "tiny_prompts.jsonl"
-VLLM_ONLY = {"gpu_memory_utilization", "tensor_parallel_size", "sync_timeout"}
+VLLM_ONLY = {"gpu_memory_utilization", "tensor_parallel_size", "sync_timeout", "vllm_mode", "vllm_server_base_url",
+             "vllm_server_host", "vllm_server_port", "vllm_server_timeout"}
 
 
 def record_reads(obj, reads: set):

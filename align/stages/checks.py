@@ -13,6 +13,7 @@ from pathlib import Path
 from align.config import STAGE_REF, Recipe
 from align.data import load_rows
 from align.errors import AlignError
+from align.models import quantization_unavailable
 
 
 def check_stage(recipe: Recipe, name: str) -> int:
@@ -31,6 +32,7 @@ def check_stage(recipe: Recipe, name: str) -> int:
                          f"got {stage.batch_size} and {stage.grad_accum}")
     if spec.online:
         check_online(recipe, name)
+    check_quantization(stage, key)
     return rows
 
 
@@ -73,12 +75,38 @@ def check_online(recipe: Recipe, name: str) -> None:
         from align.stages.online import load_reward_fn
 
         load_reward_fn(stage.reward_fn, name)
+    check_vllm_mode(stage, key)
     if stage.engine == "vllm":
+        check_tensor_parallel(stage, key)  # recipe mistakes first, then what this machine lacks
         check_vllm(f"{key}.engine")
     if stage.type in ("grpo", "rloo"):
         check_groups(stage, key)
     if stage.type == "ppo" and stage.rollout_batch_size < 1:
         raise AlignError(f"{key}.rollout_batch_size: must be at least 1; got {stage.rollout_batch_size}")
+
+
+QUANTIZED_TYPES = ("sft", "reward", "dpo", "kto", "ppo")  # the stages whose code loads a quantized base
+
+
+def check_quantization(stage, key: str) -> None:
+    """QLoRA (`quantization` with `lora:`, which the recipe loader requires): a stage type that loads a quantized
+    base, no merge into rounded weights, the HF engine, and a CUDA GPU with bitsandbytes."""
+    if not stage.quantization:
+        return
+    key = f"{key}.quantization"
+    if stage.type not in QUANTIZED_TYPES:
+        raise AlignError(f"{key}: not supported for {stage.type} stages (QLoRA covers {', '.join(QUANTIZED_TYPES)}); "
+                         "remove it")
+    if getattr(stage, "merge_lora", False):
+        raise AlignError(f"{key}: merge_lora would merge the adapter into {stage.quantization}-rounded weights; set "
+                         "merge_lora: false (the adapter is saved against the un-quantized base, and a later stage's "
+                         "model: ${stage} merges it onto that base in full precision)")
+    if getattr(stage, "engine", "hf") == "vllm":
+        raise AlignError(f"{key}: engine: vllm cannot take a quantized policy's weights after each step; "
+                         "use engine: hf")
+    reason = quantization_unavailable(stage.quantization)
+    if reason:
+        raise AlignError(f"{key}: {reason}")
 
 
 def check_vllm(key: str) -> None:
@@ -89,6 +117,35 @@ def check_vllm(key: str) -> None:
 
     if not torch.cuda.is_available():
         raise AlignError(f"{key}: 'vllm' needs a CUDA GPU and none is visible; use engine: hf on CPU")
+
+
+def check_vllm_mode(stage, key: str) -> None:
+    """`vllm_mode: server` is TRL's (GRPO/RLOO sample from a running `trl vllm-serve`) and means engine vllm."""
+    if stage.vllm_mode != "server":
+        return
+    if stage.type == "ppo":
+        raise AlignError(f"{key}.vllm_mode: 'server' is for grpo and rloo; ppo runs its vLLM engine in the training "
+                         "process and loads the new weights after every update: use vllm_mode: colocate")
+    if stage.engine != "vllm":
+        raise AlignError(f"{key}.vllm_mode: 'server' samples from a vLLM server; set engine: vllm, or drop vllm_mode")
+
+
+def check_tensor_parallel(stage, key: str) -> None:
+    """engine vllm: GPUs per engine. A server's own flag sets its GPUs; TRL's colocated vLLM shards the model
+    over groups of `tensor_parallel_size` training processes, so they must divide the processes launched."""
+    import os
+
+    size = stage.tensor_parallel_size
+    if size < 1:
+        raise AlignError(f"{key}.tensor_parallel_size: must be at least 1; got {size}")
+    if stage.vllm_mode == "server" and size != 1:
+        raise AlignError(f"{key}.tensor_parallel_size: with vllm_mode: server the server's own --tensor-parallel-size "
+                         "sets its GPUs (trl vllm-serve --tensor-parallel-size N); remove it here")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if stage.type in ("grpo", "rloo") and stage.vllm_mode == "colocate" and world % size:
+        raise AlignError(f"{key}.tensor_parallel_size: {size} must divide the {world} training processes (TRL's "
+                         f"colocated vLLM shards each engine over a group of {size} of them): launch a multiple of "
+                         f"{size} processes, or use vllm_mode: server")
 
 
 def check_groups(stage, key: str) -> None:

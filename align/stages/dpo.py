@@ -8,6 +8,12 @@ before the first step, through the policy, still the starting model (TRL's
 `$ALIGN_CACHE/ref_logps/`, keyed by the reference weights' hash, the rows, the chat
 template and `max_length`; the next run with the same reference and data reads them and
 skips every reference pass. The loss is TRL's (one copy of the math).
+
+Several processes: each rank computes the reference log-probs of its share of the rows and TRL
+gathers them (`gather_for_metrics`), so every rank holds all of them; rank 0 alone writes the
+cache file, and the decision to read it is rank 0's (`distributed.decide`). The datasets are
+written once to `<stage>/datasets/` (`data.trainer_dataset`) so that the files TRL's rank 0
+writes beside them can be opened by the other ranks.
 """
 
 from __future__ import annotations
@@ -18,9 +24,10 @@ from pathlib import Path
 
 import torch
 
+from align import distributed
 from align.artifacts import StepLog, Timer, hash_json
 from align.config import DPOStage
-from align.data import apply_too_long, as_preference, load_split
+from align.data import apply_too_long, as_preference, load_split, trainer_dataset
 from align.models import apply_lora, cache_dir, drop_ref_adapter, load_model, load_tokenizer, reference_model
 from align.policy_eval import BeforeAfter
 from align.training import AlignCallback, finite, save_model, train_with_eval, trainer_args
@@ -71,7 +78,8 @@ def make_trainer_class():
                 return super()._precompute_ref_logps(dataset, name, batch_size)
             key = hash_json({**self.ref_cache_key, "split": name, "rows": rows_hash(dataset)})
             path = cache_dir() / "ref_logps" / f"{key}.pt"
-            if path.exists():
+            # Several processes: rank 0 looks, every rank follows; TRL computes each rank's share and gathers.
+            if distributed.decide(path.exists):
                 cached = torch.load(path)
                 if len(cached["chosen"]) == len(dataset):
                     self.ref_cache_hits.append(name)
@@ -79,6 +87,8 @@ def make_trainer_class():
                     return (dataset.add_column("ref_chosen_logps", cached["chosen"].tolist())
                             .add_column("ref_rejected_logps", cached["rejected"].tolist()))
             out = super()._precompute_ref_logps(dataset, name, batch_size)
+            if not distributed.is_main():
+                return out
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{id(self)}")
             torch.save({"chosen": torch.tensor(out["ref_chosen_logps"]),
@@ -108,17 +118,16 @@ def preference_rows(stage, name: str, tokenizer) -> tuple[list[dict], list[dict]
 
 
 def run(stage: DPOStage, name: str, out_dir: Path, model_path: str, reward_path: str | None = None) -> dict:
-    from datasets import Dataset
     from trl import DPOConfig
 
     timer = Timer()
     tokenizer = load_tokenizer(model_path)
     train, held, too_long = preference_rows(stage, name, tokenizer)
-    train_ds = Dataset.from_list(train)
-    eval_ds = Dataset.from_list(held) if held else None
+    train_ds = trainer_dataset(train, out_dir / "datasets" / "train")
+    eval_ds = trainer_dataset(held, out_dir / "datasets" / "eval") if held else None
     log.info("%s: %d training pairs, %d held out", name, len(train), len(held))
 
-    model = load_model(model_path)
+    model = load_model(model_path, quantization=stage.quantization, gradient_checkpointing=stage.gradient_checkpointing)
     report = BeforeAfter(stage, name, held, out_dir, reward_path)
     report.before(model, tokenizer)
     ref_key = None
@@ -156,7 +165,7 @@ def run(stage: DPOStage, name: str, out_dir: Path, model_path: str, reward_path:
             metrics[f"eval_{k}_before"] = finite(before.get(f"eval_{k}"))
             metrics[f"eval_{k}"] = finite(after.get(f"eval_{k}"))
     metrics["ref_cache_hits"] = getattr(trainer, "ref_cache_hits", [])
-    save_model(trainer.model, tokenizer, out_dir / "model", stage.merge_lora)
+    save_model(trainer.model, tokenizer, out_dir / "model", stage.merge_lora, trainer=trainer)
 
     metrics.update(report.after(trainer.model, tokenizer))
     metrics.update(train_pairs=len(train), eval_pairs=len(held), pairs_too_long=too_long,

@@ -29,8 +29,9 @@ just asked) stays. Evaluation: greedy completions of up to `eval_prompts` held-o
 before and after, scored by the reward model (`eval_reward_before/after`, `eval_win_rate`,
 as for DPO) and by `reward_fn` when given (`eval_reward_fn_before/after`).
 
-Engine: `hf` samples with `generate` (CPU or GPU); `vllm` is TRL's colocated vLLM
-(`use_vllm`, `vllm_mode="colocate"`), which needs a CUDA GPU.
+Engine: `hf` samples with `generate` (CPU or GPU); `vllm` is TRL's vLLM (`use_vllm`), which
+needs a CUDA GPU: colocated in the training process(es) by default, or with `vllm_mode: server` a
+running `trl vllm-serve` on other GPUs (`engine_settings`).
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ def _run(stage, name: str, out_dir: Path, model_path: str, reward_path: str | No
     drop_ref_adapter(trainer.model)
 
     metrics = train_with_resume(trainer, out_dir, step_log)
-    save_model(trainer.model, tokenizer, out_dir / "model", stage.merge_lora)
+    save_model(trainer.model, tokenizer, out_dir / "model", stage.merge_lora, trainer=trainer)
 
     metrics.update(report.after(trainer.model, tokenizer))
     history = [r for r in trainer.state.log_history if isinstance(r.get("reward"), (int, float))]
@@ -183,9 +184,19 @@ def with_ref_model(trainer_cls):
 
 
 def engine_settings(stage) -> dict:
-    """TRL's generation settings for `engine` (checked by `align.stages.checks` before anything loads)."""
+    """TRL's generation settings for `engine` and `vllm_mode` (checked by `align.stages.checks` before anything loads).
+
+    colocate: vLLM inside each training process, sharing its GPU (`gpu_memory_utilization`), its context
+    `max_length`, sharded over groups of `tensor_parallel_size` processes. server: a `trl vllm-serve` started
+    beforehand, at `vllm_server_base_url` or else `vllm_server_host`:`vllm_server_port`, waited for up to
+    `vllm_server_timeout` seconds; TRL sends it the new weights after each step, and the server's own flags set
+    its GPUs, tensor parallelism and memory."""
     if stage.engine == "hf":
         return {}
+    if stage.vllm_mode == "server":
+        return dict(use_vllm=True, vllm_mode="server", vllm_server_base_url=stage.vllm_server_base_url,
+                    vllm_server_host=stage.vllm_server_host, vllm_server_port=stage.vllm_server_port,
+                    vllm_server_timeout=stage.vllm_server_timeout)
     return dict(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=stage.gpu_memory_utilization,
                 vllm_tensor_parallel_size=stage.tensor_parallel_size, vllm_max_model_length=stage.max_length)
 

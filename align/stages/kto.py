@@ -16,7 +16,7 @@ from pathlib import Path
 
 from align.artifacts import StepLog, Timer
 from align.config import KTOStage
-from align.data import apply_too_long, as_unpaired, load_split
+from align.data import apply_too_long, as_unpaired, load_split, trainer_dataset
 from align.models import apply_lora, drop_ref_adapter, load_model, load_tokenizer, reference_model
 from align.policy_eval import BeforeAfter
 from align.training import AlignCallback, finite, save_model, train_with_eval, trainer_args
@@ -25,7 +25,6 @@ log = logging.getLogger("align")
 
 
 def run(stage: KTOStage, name: str, out_dir: Path, model_path: str, reward_path: str | None = None) -> dict:
-    from datasets import Dataset
     from trl import KTOConfig, KTOTrainer
 
     timer = Timer()
@@ -46,10 +45,10 @@ def run(stage: KTOStage, name: str, out_dir: Path, model_path: str, reward_path:
     desirable = sum(r["label"] for r in train)
     log.info("%s: %d training rows (%d desirable, %d undesirable), %d held out", name, len(train), desirable,
              len(train) - desirable, len(held))
-    train_ds = Dataset.from_list(train)
-    eval_ds = Dataset.from_list(held) if held else None
+    train_ds = trainer_dataset(train, out_dir / "datasets" / "train")
+    eval_ds = trainer_dataset(held, out_dir / "datasets" / "eval") if held else None
 
-    model = load_model(model_path)
+    model = load_model(model_path, quantization=stage.quantization, gradient_checkpointing=stage.gradient_checkpointing)
     report = BeforeAfter(stage, name, held, out_dir, reward_path)
     report.before(model, tokenizer)
     ref_model = reference_model(model, stage.lora)
@@ -68,7 +67,7 @@ def run(stage: KTOStage, name: str, out_dir: Path, model_path: str, reward_path:
         for k in ("loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins"):
             metrics[f"eval_{k}_before"] = finite(before.get(f"eval_{k}"))
             metrics[f"eval_{k}"] = finite(after.get(f"eval_{k}"))
-    save_model(trainer.model, tokenizer, out_dir / "model", stage.merge_lora)
+    save_model(trainer.model, tokenizer, out_dir / "model", stage.merge_lora, trainer=trainer)
     metrics.update(report.after(trainer.model, tokenizer))
     metrics.update(train_rows=len(train), eval_rows=len(held), rows_too_long=too_long,
                    seconds=round(timer.seconds(), 1))

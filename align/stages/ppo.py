@@ -49,16 +49,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
+from align import distributed
 from align.artifacts import (
     CHECKPOINT_OK,
     StepLog,
     Timer,
     complete_checkpoints,
     peak_rss_mb,
+    write_text,
 )
 from align.config import PPOStage
+from align.console import progress_bar
 from align.errors import AlignError
 from align.losses import (
     adaptive_kl_coef,
@@ -83,7 +85,7 @@ from align.sequences import (
     token_logps,
 )
 from align.stages.online import load_reward_fn, prompt_rows
-from align.training import resume_point, save_model
+from align.training import gathered_state_dict, resume_point, save_model
 
 log = logging.getLogger("align")
 
@@ -187,6 +189,18 @@ def logits_and_values(policy, value_model, batch: dict, temperature: float) -> t
     return logits, per_token_values(value_model, **args, keep=T + 1)[:, :-1]
 
 
+class PolicyAndValue(torch.nn.Module):
+    """The policy and the value model as one module, so `accelerate.prepare` wraps one model (DDP syncs the
+    gradients of both in one pass; FSDP2 shards one model). Its forward is `logits_and_values`."""
+
+    def __init__(self, policy, value_model):
+        super().__init__()
+        self.policy, self.value_model = policy, value_model
+
+    def forward(self, batch: dict, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return logits_and_values(self.policy, self.value_model, batch, temperature)
+
+
 def disable_dropout(model) -> None:
     """PPO's ratio must be 1 before the first update and values must not be noisy: no dropout anywhere."""
     for module in model.modules():
@@ -233,6 +247,8 @@ class Models:
     rewards: Rewards
     engine: Any  # align.rollouts engine
     device: str
+    trainable: torch.nn.Module | None = None  # PolicyAndValue, wrapped by accelerate when several processes run
+    accelerator: Any = None  # the accelerate.Accelerator that wrapped it; None in one plain process
 
 
 def build_models(stage: PPOStage, name: str, policy, tokenizer, model_path: str, reward_path: str | None,
@@ -259,7 +275,7 @@ def build_models(stage: PPOStage, name: str, policy, tokenizer, model_path: str,
     else:
         engine = make_engine("hf", policy, tokenizer, batch_size=max(stage.rollout_batch_size, 1))
     return Models(policy, ref, value_model, value_source, tokenizer, Rewards(reward_path, reward_fn, device), engine,
-                  device)
+                  device, trainable=PolicyAndValue(policy, value_model))
 
 
 def make_optimizer(stage: PPOStage, models: Models, total_steps: int):
@@ -267,7 +283,7 @@ def make_optimizer(stage: PPOStage, models: Models, total_steps: int):
     from transformers import get_scheduler
 
     updates_per_step = stage.ppo_epochs * math.ceil(stage.rollout_batch_size / (stage.batch_size * stage.grad_accum))
-    params = [p for m in (models.policy, models.value_model) for p in m.parameters() if p.requires_grad]
+    params = [p for p in models.trainable.parameters() if p.requires_grad]  # the policy's, then the value model's
     # The fused kernel updates all tensors in one pass: 3-5x faster steps than the per-tensor loop on CPU.
     optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay, eps=1e-5,
                                   fused=all(p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in params))
@@ -335,19 +351,22 @@ def reference_logps(models: Models, batch: dict, temperature: float) -> torch.Te
     return token_logps(completion_logits(models.ref, *args), batch["tokens"])
 
 
-def make_rollout(stage: PPOStage, models: Models, prompts: list, step: int, kl_coef: float) -> Rollout:
+def make_rollout(stage: PPOStage, models: Models, prompts: list, step: int, kl_coef: float,
+                 seed_offset: int = 0) -> Rollout:
     """Sample one completion per prompt, score it, and compute log-probs, values, rewards and GAE.
 
     Raises NonFiniteRewards when a score is NaN or infinite (before any model pass)."""
     t0 = time.perf_counter()
     sampling = Sampling(max_new_tokens=stage.response_length, temperature=stage.temperature, top_p=stage.top_p,
-                        top_k=stage.top_k, seed=stage.seed * 1_000_003 + step)
+                        top_k=stage.top_k, seed=stage.seed * 1_000_003 + step + seed_offset)
     groups = models.engine.generate(prompts, n=1, sampling=sampling, return_logps=reuses_engine_logps(stage))
     completions = [g[0] for g in groups]
     gen_seconds = time.perf_counter() - t0
     scores = models.rewards.score(prompts, [c.text for c in completions])  # (B,)
-    if not torch.isfinite(scores).all():
-        raise NonFiniteRewards(int((~torch.isfinite(scores)).sum()), len(scores))
+    # Several processes skip a batch together (else one would wait forever in the other's update).
+    bad = int(distributed.all_sum(torch.tensor([(~torch.isfinite(scores)).sum().item()])).item())
+    if bad:
+        raise NonFiniteRewards(bad, len(scores) * distributed.world_size())
 
     batch = pack(completions, models.tokenizer.pad_token_id, models.device)
     mask = batch["completion_mask"]  # (B, T)
@@ -363,7 +382,7 @@ def make_rollout(stage: PPOStage, models: Models, prompts: list, step: int, kl_c
                                                    stage.missing_eos_penalty)
         advantages, returns = gae(token_rewards, old_values, mask, stage.gamma, stage.lam)
         if stage.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
+            advantages = masked_whiten(advantages, mask, sum_over=distributed.all_sum)  # over every rank's tokens
     return Rollout(batch=batch, scores=scores, penalized_scores=penalized.cpu(), finished=finished,
                    old_logps=old_logps, ref_logps=ref_logps, old_values=old_values, kl=kl,
                    token_rewards=token_rewards, advantages=advantages, returns=returns, kl_coef=kl_coef,
@@ -373,7 +392,7 @@ def make_rollout(stage: PPOStage, models: Models, prompts: list, step: int, kl_c
 def minibatch_loss(stage: PPOStage, models: Models, mb: dict, old: dict, log_entropy: bool):
     """PPO loss of one micro-batch (`rows_of`) and its stats as floats."""
     m = mb["completion_mask"]
-    logits, values = logits_and_values(models.policy, models.value_model, mb, stage.temperature)
+    logits, values = models.trainable(mb, stage.temperature)  # through DDP/FSDP when several processes run
     logps = token_logps(logits, mb["tokens"])
     pg_loss, pg_stats = ppo_policy_loss(logps, old["old_logps"], old["advantages"], m, stage.clip_eps)
     vf_loss, vf_stats = ppo_value_loss(values, old["old_values"], old["returns"], m, stage.value_clip_eps)
@@ -412,33 +431,57 @@ def ppo_update(stage: PPOStage, models: Models, rollout: Rollout, optimizer, sch
                 mb, old = rows_of(rollout.batch, mb_idx[u0:u0 + stage.batch_size].to(mask.device), per_token)
                 loss, mb_stats = minibatch_loss(stage, models, mb, old, log_entropy=ppo_epoch == 0)
                 # Micro-batches weigh by their share of the mini-batch's tokens.
-                (loss * mb["completion_mask"].sum() / tokens_in_mb).backward()
+                backward(models, loss * mb["completion_mask"].sum() / tokens_in_mb)
                 for k, v in mb_stats.items():
                     stats[k].append(v)
-            torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm)
+            if models.accelerator is not None:
+                models.accelerator.clip_grad_norm_(params, stage.max_grad_norm)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm)
             optimizer.step()
             scheduler.step()
+    out = {k: statistics.fmean(v) for k, v in stats.items() if v}
     if stage.engine == "vllm":
         models.engine.load_weights(models.policy)
-    return {k: statistics.fmean(v) for k, v in stats.items() if v}
+        out["sync_seconds"] = round(models.engine.last_sync_seconds, 4)  # merge + weight transfer into vLLM
+    return out
+
+
+def backward(models: Models, loss: torch.Tensor) -> None:
+    if models.accelerator is not None:
+        models.accelerator.backward(loss)  # DDP averages the gradients over ranks
+    else:
+        loss.backward()
 
 
 def step_record(step: int, rollout: Rollout, stats: dict, kl_coef: float, lr: float, t0: float, t_train: float) -> dict:
-    """The log.jsonl record of one trained step (1-based `step`); `kl_coef` is β after this step's update."""
+    """The log.jsonl record of one trained step (1-based `step`); `kl_coef` is β after this step's update.
+
+    Several processes: rewards, KL, EOS rate and lengths are over every rank's rollouts (sums all-reduced,
+    then divided), tokens/s counts every rank's tokens, the loss statistics and explained variance are the
+    mean of the ranks' (each rank runs the same number of micro-batches); peak memory is rank 0's (each
+    rank's peak goes to the manifest)."""
     now = time.perf_counter()
     mask = rollout.mask
-    n_tokens = int(mask.sum().item())
+    kl_rows = rollout.kl.sum(1).cpu()
+    local = torch.tensor([len(rollout.scores), mask.sum().item(), rollout.scores.sum().item(),
+                          rollout.penalized_scores.sum().item(), kl_rows.sum().item(),
+                          (-rollout.kl_coef * kl_rows).sum().item(), rollout.finished.float().sum().item(),
+                          explained_variance(rollout.old_values, rollout.returns, mask).item(),
+                          *stats.values()], dtype=torch.float64)
+    total = distributed.all_sum(local)
+    n, n_tokens, world = total[0].item(), total[1].item(), distributed.world_size()
     record = {
         "step": step,
-        "reward": rollout.scores.mean().item(),
-        "reward_penalized": rollout.penalized_scores.mean().item(),
-        "kl": rollout.kl.sum(1).mean().item(),
+        "reward": total[2].item() / n,
+        "reward_penalized": total[3].item() / n,
+        "kl": total[4].item() / n,
         "kl_coef": kl_coef,
-        "non_score_reward": (-rollout.kl_coef * rollout.kl).sum(1).mean().item(),
-        **stats,
-        "explained_variance": explained_variance(rollout.old_values, rollout.returns, mask).item(),
-        "eos_rate": rollout.finished.float().mean().item(),
-        "response_length": n_tokens / len(rollout.scores),
+        "non_score_reward": total[5].item() / n,
+        **{k: v.item() / world for k, v in zip(stats, total[8:])},
+        "explained_variance": total[7].item() / world,
+        "eos_rate": total[6].item() / n,
+        "response_length": n_tokens / n,
         "lr": lr,
         "gen_seconds": round(rollout.gen_seconds, 4),
         "train_seconds": round(now - t_train, 4),
@@ -481,7 +524,7 @@ class StepRecords:
         if start_step:
             self.step_log.truncate_after(start_step)
         self.every, self.window, self.writer = stage.logging_steps, list(window), None
-        if stage.report_to == "tensorboard":
+        if stage.report_to == "tensorboard" and distributed.is_main():
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step drops events a killed run wrote past the checkpoint.
@@ -520,12 +563,15 @@ class Checkpoints:
         self.keep = keep
 
     def save(self, step: int, state: dict) -> None:
+        """Rank 0 writes (under DDP every rank holds the same weights and optimizer state)."""
+        if not distributed.is_main():
+            return
         ckpt = self.folder / f"checkpoint-{step}"
         ckpt.mkdir(parents=True, exist_ok=True)
         tmp = ckpt / "state.pt.tmp"
         torch.save(state, tmp)
         tmp.replace(ckpt / "state.pt")
-        (ckpt / CHECKPOINT_OK).write_text(str(step))
+        write_text(ckpt / CHECKPOINT_OK, str(step))
         for old in complete_checkpoints(self.folder)[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -582,7 +628,7 @@ def load_checkpoint(ckpt: Path, models: Models, optimizer, scheduler) -> tuple[P
 def resume(stage: PPOStage, name: str, out_dir: Path, models: Models, optimizer,
            scheduler) -> tuple[Progress, list[dict]]:
     """The newest complete checkpoint restored (progress, unwritten log window), or a fresh start."""
-    ckpt = resume_point(out_dir)
+    ckpt = distributed.decide(lambda: resume_point(out_dir))  # rank 0 chooses; every rank loads the same one
     if ckpt is None:
         return Progress(kl_coef=stage.kl_coef), []
     progress, window = load_checkpoint(ckpt, models, optimizer, scheduler)
@@ -606,14 +652,16 @@ def skip_batch(name: str, step: int, error: NonFiniteRewards, progress: Progress
 
 def run(stage: PPOStage, name: str, out_dir: Path, model_path: str, reward_path: str | None = None) -> dict:
     timer = Timer()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    accelerator = start_processes(stage, name)
+    device = str(accelerator.device) if accelerator else "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(stage.seed)
     tokenizer = load_tokenizer(model_path)
     reward_fn = load_reward_fn(stage.reward_fn, name) if stage.reward_fn else None
     train_rows, held_rows, too_long = prompt_rows(stage, name, tokenizer)
     train = [r["prompt"] for r in train_rows]
     log.info("%s: %d training prompts, %d held out", name, len(train), len(held_rows))
-    policy = load_model(model_path).to(device)
+    policy = load_model(model_path, quantization=stage.quantization,
+                        gradient_checkpointing=stage.gradient_checkpointing).to(device)
     report = BeforeAfter(stage, name, held_rows, out_dir, reward_path)  # scored by the reward model alone
     report.before(policy, tokenizer)
     models = build_models(stage, name, policy, tokenizer, model_path, reward_path, reward_fn, out_dir, device)
@@ -621,46 +669,84 @@ def run(stage: PPOStage, name: str, out_dir: Path, model_path: str, reward_path:
     total_steps = stage.max_steps if stage.max_steps > 0 else \
         max(1, math.ceil(stage.epochs * len(train) / stage.rollout_batch_size))
     optimizer, scheduler = make_optimizer(stage, models, total_steps)
-    checkpoints = Checkpoints(out_dir, stage.save_total_limit)
+    if accelerator is not None:  # DDP (or FSDP2) around policy + value; the scheduler stays on the raw optimizer
+        models.trainable, optimizer = accelerator.prepare(models.trainable, optimizer)
+        models.accelerator = accelerator
     progress, window = resume(stage, name, out_dir, models, optimizer, scheduler)
-    start_step, nan_streak, after_texts = progress.step, 0, None
+    start_step = progress.step
     records = StepRecords(out_dir, stage, start_step, window)
-    bar = tqdm(range(start_step, total_steps), desc=f"{name}: PPO steps", unit="step", initial=start_step,
-               total=total_steps)
-    for step in bar:
-        t0 = time.perf_counter()
-        try:
-            rollout = make_rollout(stage, models, prompts_for_step(train, step, stage.rollout_batch_size, stage.seed),
-                                   step, progress.kl_coef)
-        except NonFiniteRewards as e:
-            nan_streak = skip_batch(name, step + 1, e, progress, records, nan_streak)
-            continue
-        nan_streak, t_train = 0, time.perf_counter()
-        stats = ppo_update(stage, models, rollout, optimizer, scheduler, step)
-        if stage.kl_target:
-            progress.kl_coef = adaptive_kl_coef(progress.kl_coef, rollout.kl.sum(1).mean().item(), stage.kl_target,
-                                                len(rollout.scores), stage.kl_horizon)
-        progress.step = step + 1
-        record = step_record(step + 1, rollout, stats, progress.kl_coef, scheduler.get_last_lr()[0], t0, t_train)
-        evaluate = report.active and due(step + 1, stage.eval_steps, total_steps)
-        if evaluate:
-            scores, after_texts = report.held_out_rewards(models.policy, tokenizer)
-            record["eval_reward"] = scores["eval_reward"]
-        records.add(record, total_steps, force=evaluate)
-        bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.3f}",
-                        tokens_per_s=f"{record['tokens_per_s']:.0f}")
-        if progress.step % stage.save_steps == 0 and progress.step < total_steps:
-            save_checkpoint(checkpoints, models, optimizer, scheduler, progress, records.window)
-    bar.close()
+    after_texts = train_loop(stage, name, out_dir, models, report, train, total_steps, optimizer, scheduler,
+                             progress, records)
     records.close()
-    save_model(models.policy, tokenizer, out_dir / "model", stage.merge_lora)
-    metrics = summarize(records.read(), start_step)
+    state_dict = None
+    if accelerator is not None:  # FSDP: the sharded weights gathered (all ranks take part), the policy's kept
+        full = gathered_state_dict(accelerator, models.trainable)
+        state_dict = {k[len("policy."):]: v for k, v in full.items() if k.startswith("policy.")} if full else None
+    save_model(models.policy, tokenizer, out_dir / "model", stage.merge_lora, state_dict=state_dict)
+    metrics = summarize(distributed.decide(records.read), start_step)
     metrics.update(report.after(models.policy, tokenizer, texts=after_texts))  # None: the last step was skipped
     metrics.update(steps=total_steps, skipped_steps=progress.skipped, resumed_from_step=start_step or None,
                    train_prompts=len(train), eval_prompts=len(report.prompts), prompts_too_long=too_long,
                    value_model_from=models.value_source, kl_coef_final=progress.kl_coef,
                    peak_rss_mb=round(peak_rss_mb(), 1), seconds=round(timer.seconds(), 1))
     return metrics
+
+
+def start_processes(stage: PPOStage, name: str):
+    """None in one plain process; else the Accelerator that wraps policy + value (DDP, FSDP2), after checking
+    that every rank gets the same number of prompts per step (so all run the same number of updates)."""
+    from accelerate.utils import DistributedType
+
+    accelerator = distributed.accelerator() if distributed.world_size() > 1 else None
+    if accelerator is None:
+        return None
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise AlignError(f"{name}: PPO runs under DDP or FSDP2 (recipes/accelerate/multi_gpu.yaml, fsdp2.yaml); "
+                         "DeepSpeed configs serve the TRL stages (sft, reward, dpo, kto, grpo, rloo)")
+    world = distributed.world_size()
+    if stage.rollout_batch_size % world:
+        raise AlignError(f"{name}: rollout_batch_size {stage.rollout_batch_size} must be a multiple of the number of "
+                         f"processes ({world}): each rank samples an equal share of the prompts")
+    return accelerator
+
+
+def train_loop(stage: PPOStage, name: str, out_dir: Path, models: Models, report: BeforeAfter, train: list,
+               total_steps: int, optimizer, scheduler, progress: Progress, records: StepRecords) -> list | None:
+    """PPO steps from `progress.step` to `total_steps`; returns the last evaluation's greedy answers."""
+    checkpoints = Checkpoints(out_dir, stage.save_total_limit)
+    nan_streak, after_texts, world, share = 0, None, distributed.world_size(), stage.rollout_batch_size
+    share //= world
+    bar = progress_bar(f"{name}: PPO steps", total_steps, initial=progress.step)
+    for step in range(progress.step, total_steps):
+        t0 = time.perf_counter()
+        # Each rank takes its contiguous block of the step's prompts.
+        prompts = distributed.shard(prompts_for_step(train, step, stage.rollout_batch_size, stage.seed))
+        try:
+            rollout = make_rollout(stage, models, prompts, step, progress.kl_coef,
+                                   seed_offset=distributed.rank() * share)
+        except NonFiniteRewards as e:
+            nan_streak = skip_batch(name, step + 1, e, progress, records, nan_streak)
+            continue
+        nan_streak, t_train = 0, time.perf_counter()
+        stats = ppo_update(stage, models, rollout, optimizer, scheduler, step)
+        if stage.kl_target:  # the controller sees the mean KL over every rank's samples
+            kl_sum = distributed.all_sum(rollout.kl.sum(1).sum().detach().cpu().double()).item()
+            progress.kl_coef = adaptive_kl_coef(progress.kl_coef, kl_sum / (len(rollout.scores) * world),
+                                                stage.kl_target, len(rollout.scores) * world, stage.kl_horizon)
+        progress.step = step + 1
+        record = step_record(step + 1, rollout, stats, progress.kl_coef, scheduler.get_last_lr()[0], t0, t_train)
+        evaluate = report.active and due(step + 1, stage.eval_steps, total_steps)
+        if evaluate:
+            scores, after_texts = report.held_out_rewards(models.policy, models.tokenizer)
+            record["eval_reward"] = scores["eval_reward"]
+        records.add(record, total_steps, force=evaluate)
+        bar.update(1)
+        bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.3f}",
+                        tokens_per_s=f"{record['tokens_per_s']:.0f}")
+        if progress.step % stage.save_steps == 0 and progress.step < total_steps:
+            save_checkpoint(checkpoints, models, optimizer, scheduler, progress, records.window)
+    bar.close()
+    return after_texts
 
 
 def summarize(rows: list[dict], start_step: int) -> dict:

@@ -16,7 +16,7 @@ from pathlib import Path
 from align.artifacts import StepLog, Timer, save_folder_atomically, write_json
 from align.config import RewardStage
 from align.data import as_preference, load_split
-from align.models import apply_lora, load_tokenizer
+from align.models import apply_lora, load_quantized, load_tokenizer, merge_into_unquantized
 from align.training import AlignCallback, finite, train_with_eval, trainer_args
 from reward.score import SCORER_CONFIG
 from reward.train import init_reward_model, tokenize_pairs
@@ -39,7 +39,8 @@ def run(stage: RewardStage, name: str, out_dir: Path, model_path: str) -> dict:
     eval_ds = Dataset.from_list(eval_rows) if eval_rows else None
     log.info("%s: %d training pairs, %d held out", name, len(train_ds), len(eval_rows))
 
-    model = init_reward_model(model_path)
+    model = (load_quantized(model_path, stage.quantization, stage.gradient_checkpointing, num_labels=1)
+             if stage.quantization else init_reward_model(model_path))
     model.config.pad_token_id = tokenizer.pad_token_id
     if stage.lora:
         model = apply_lora(model, stage.lora, task_type="SEQ_CLS")  # the score head trains in full
@@ -56,7 +57,9 @@ def run(stage: RewardStage, name: str, out_dir: Path, model_path: str) -> dict:
                        eval_margin=finite(after.get("eval_margin")))
 
     trained = trainer.model
-    if hasattr(trained, "merge_and_unload"):
+    if stage.quantization:  # merged into the base loaded afresh in bf16, never into the quantized weights
+        trained = merge_into_unquantized(trained, init_reward_model(model_path))
+    elif hasattr(trained, "merge_and_unload"):
         trained = trained.merge_and_unload()
 
     def save(tmp: Path) -> None:

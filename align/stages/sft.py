@@ -39,7 +39,7 @@ def run(stage: SFTStage, name: str, out_dir: Path, model_path: str) -> dict:
     eval_ds = Dataset.from_list([{"messages": m} for m in eval_rows]) if eval_rows else None
     log.info("%s: %d training rows, %d held out", name, len(train_ds), len(eval_rows))
 
-    model = load_model(model_path)
+    model = load_model(model_path, quantization=stage.quantization, gradient_checkpointing=stage.gradient_checkpointing)
     if stage.lora:
         model = apply_lora(model, stage.lora)
     step_log = StepLog(out_dir / "log.jsonl")
@@ -58,7 +58,7 @@ def run(stage: SFTStage, name: str, out_dir: Path, model_path: str) -> dict:
     if eval_ds is not None:
         metrics["eval_loss_before"] = finite(before["eval_loss"])
         metrics["eval_loss"] = finite(after["eval_loss"])
-    save_model(trainer.model, tokenizer, out_dir / "model", stage.merge_lora)
+    save_model(trainer.model, tokenizer, out_dir / "model", stage.merge_lora, trainer=trainer)
     metrics.update(train_rows=len(train_ds), eval_rows=len(eval_rows), rows_too_long=train_too_long,
                    seconds=round(timer.seconds(), 1))
     return metrics
