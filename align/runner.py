@@ -157,6 +157,7 @@ def run_stage(recipe: Recipe, name: str) -> dict:
         write_json(manifest_path, manifest, any_rank=True)
         raise
     manifest["peak_memory_mb_per_rank"] = distributed.gather(peak_memory_mb())
+    manifest["tokens_per_s"] = metrics.get("tokens_per_s")  # every rank's tokens (TRL gathers them; PPO sums them)
     metrics.setdefault("world_size", distributed.world_size())
     write_json(out_dir / "metrics.json", metrics)
     manifest.update(status="complete", ended_at=now())

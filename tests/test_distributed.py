@@ -65,6 +65,7 @@ def test_two_ranks_at_half_the_batch_follow_one_process(tiny_model, tmp_path):
 
     manifest = read(tmp_path / "two" / "sft" / "manifest.json")
     assert (manifest["world_size"], manifest["launcher"], manifest["status"]) == (2, "align --nproc 2", "complete")
+    assert manifest["tokens_per_s"] == pair["tokens_per_s"] > 0
     peaks = manifest["peak_memory_mb_per_rank"]
     assert len(peaks) == 2 and all(p["rss"] > 0 for p in peaks)
     steps = [r["step"] for r in log_rows(tmp_path / "two" / "sft") if "loss" in r]
