@@ -30,10 +30,13 @@ def configure(verbose: bool = False, quiet: bool = False) -> None:
     libraries say only errors and draw no bars unless verbose; inside one, `capture_stage_output` decides."""
     from align.distributed import is_main
 
-    quiet = quiet or not is_main()  # several processes: rank 0 speaks for all; the others say only problems
+    quiet = quiet or not is_main()  # several processes: rank 0 speaks for all
     terminal.update(verbose=verbose, quiet=quiet)
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(name)s: %(message)s",
                         stream=sys.stderr)
+    if not is_main():  # the other ranks' warnings repeat rank 0's: their terminal shows errors, run.rank<N>.log all
+        for handler in logging.getLogger().handlers:
+            handler.setLevel(logging.ERROR)
     if verbose:
         return
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU backend warns at import about kernels

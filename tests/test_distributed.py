@@ -101,6 +101,26 @@ def test_dpo_on_two_ranks_takes_half_the_steps_with_the_same_reference(tiny_mode
         assert m["eval_loss"] < m["eval_loss_before"]
 
 
+def test_reward_kto_and_rloo_on_two_ranks_share_their_batches(tiny_model, tmp_path):
+    """Every TRL stage shards its data over the ranks: per-device batch 16 on 2 ranks is 32 rows a step."""
+    prefs = tiny_pref_stage(tiny_model, epochs=1)
+    rloo = dict(model=str(tiny_model), data=str(REPO / "recipes" / "data" / "tiny_prompts.jsonl"),
+                eval_fraction=0.1, max_length=64, response_length=8, batch_size=8, num_generations=4, max_steps=3,
+                eval_prompts=0)
+    recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "out", {
+        "reward": prefs, "kto": {**prefs, "lr": 2e-4, "eval_prompts": 0}, "rloo": rloo})
+    result = align_nproc(recipe)
+    assert result.returncode == 0, result.stderr[-2000:]
+    m = {name: read(tmp_path / "out" / name / "metrics.json") for name in ("reward", "kto", "rloo")}
+    assert m["reward"]["global_step"] == math.ceil(m["reward"]["train_pairs"] / 32)
+    assert m["kto"]["global_step"] == math.ceil(m["kto"]["train_rows"] / 32)
+    prompts_seen = m["rloo"]["epoch"] * m["rloo"]["train_prompts"]  # 3 steps x 2 ranks x 8 completions / 4 each
+    assert prompts_seen == pytest.approx(3 * 2 * 8 / 4, abs=0.01)
+    for name in m:
+        assert read(tmp_path / "out" / name / "manifest.json")["world_size"] == 2
+    assert m["reward"]["eval_accuracy"] > m["reward"]["eval_accuracy_before"]
+
+
 @pytest.fixture(scope="module")
 def sft_and_reward(tmp_path_factory):
     out = tmp_path_factory.mktemp("ppo-upstream")
@@ -111,17 +131,20 @@ def sft_and_reward(tmp_path_factory):
 def test_ppo_on_two_ranks_raises_the_held_out_reward_like_one(sft_and_reward, tmp_path):
     """32 prompts per step: 16 per rank. Advantages are whitened over both ranks' tokens and the logged
     reward is over all 32 rollouts; both runs must lift the held-out reward clearly (the starting policy
-    scores ~-0.2, a reward-trained one above 1)."""
+    scores ~-0.2, a reward-trained one above 1). The two-rank run is killed after its step-4 checkpoint
+    and resumed, so checkpoints written by rank 0 restore both ranks."""
     metrics = {}
     for n in (1, 2):
         out = tmp_path / f"ppo{n}"
         out.mkdir()
         for stage in ("sft", "reward"):
             shutil.copytree(sft_and_reward / stage, out / stage)
-        overrides = [f"output_dir={out}", "stages.ppo.max_steps=8", "stages.ppo.eval_prompts=16"]
+        overrides = [f"output_dir={out}", "stages.ppo.max_steps=8", "stages.ppo.eval_prompts=16",
+                     "stages.ppo.save_steps=4"]
         if n == 1:
             run_recipe(load_recipe(PPO_RECIPE, overrides))
-        else:
+        else:  # killed after its step-4 checkpoint, then resumed by the same command
+            kill_launcher_after_a_checkpoint(PPO_RECIPE, out / "ppo", *overrides)
             result = align_nproc(PPO_RECIPE, *overrides)
             assert result.returncode == 0, result.stderr[-2000:]
             assert read(out / "sft" / "manifest.json")["world_size"] == 1  # skipped, not rerun
@@ -130,8 +153,9 @@ def test_ppo_on_two_ranks_raises_the_held_out_reward_like_one(sft_and_reward, tm
         assert m["eval_reward_after"] > m["eval_reward_before"] + 0.5, (n, m)
         assert m["kl_last"] < 10
     assert read(tmp_path / "ppo2" / "ppo" / "manifest.json")["world_size"] == 2
+    assert metrics[2]["resumed_from_step"] == 4
     rows = log_rows(tmp_path / "ppo2" / "ppo")
-    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert [r["step"] for r in rows] == list(range(1, 9))  # steps past the checkpoint logged once, by rank 0
 
 
 def test_kill_the_launcher_then_the_same_command_resumes(tiny_model, tmp_path):
@@ -140,18 +164,7 @@ def test_kill_the_launcher_then_the_same_command_resumes(tiny_model, tmp_path):
     an uninterrupted run: half of one process's 68 steps."""
     recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "out",
                           {"sft": tiny_sft_stage(tiny_model, epochs=2, save_steps=4, save_total_limit=3)})
-    ckpts = tmp_path / "out" / "sft" / "checkpoints"
-    env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
-    launcher = subprocess.Popen([sys.executable, "-m", "align", "run", "--nproc", "2", str(recipe)], env=env,
-                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not list(ckpts.glob("checkpoint-*/align_checkpoint_ok")) and time.time() < deadline:
-        time.sleep(0.05)
-    os.kill(launcher.pid, signal.SIGKILL)
-    launcher.wait()
-    assert read(tmp_path / "out" / "sft" / "manifest.json")["status"] == "running"
-    time.sleep(2)
-    assert not ranks_running(str(recipe)), "a rank outlived its launcher"
+    kill_launcher_after_a_checkpoint(recipe, tmp_path / "out" / "sft")
 
     result = align_nproc(recipe)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -160,6 +173,21 @@ def test_kill_the_launcher_then_the_same_command_resumes(tiny_model, tmp_path):
     assert metrics["resumed_from_step"] and 0 < metrics["resumed_from_step"] < 34
     assert metrics["global_step"] == 34 and manifest["attempts"] == 2 and manifest["status"] == "complete"
     assert "resuming" in result.stderr
+
+
+def kill_launcher_after_a_checkpoint(recipe: Path, stage_dir: Path, *overrides: str) -> None:
+    """Start `align run --nproc 2`, `kill -9` it once a checkpoint is complete, and check no rank survives."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
+    launcher = subprocess.Popen([sys.executable, "-m", "align", "run", "--nproc", "2", str(recipe), *overrides],
+                                env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list((stage_dir / "checkpoints").glob("checkpoint-*/align_checkpoint_ok")) and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(launcher.pid, signal.SIGKILL)
+    launcher.wait()
+    assert read(stage_dir / "manifest.json")["status"] == "running"
+    time.sleep(2)
+    assert not ranks_running(str(recipe)), "a rank outlived its launcher"
 
 
 def ranks_running(marker: str) -> list[int]:
