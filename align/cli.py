@@ -174,7 +174,7 @@ def cmd_run(args) -> int:
         from align.launch import launch
         from align.stages import check_recipe
 
-        check_recipe(recipe)  # bad input is one line from here, not one per rank
+        check_recipe(recipe, processes=args.nproc)  # bad input is one line from here, not one per rank
 
         argv = (["-q"] if args.quiet else []) + ["run", args.recipe, *args.overrides] + \
             [a for s in args.stage or [] for a in ("--stage", s)] + (["--verbose"] if args.verbose else [])

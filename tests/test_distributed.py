@@ -202,6 +202,18 @@ def ranks_running(marker: str) -> list[int]:
     return pids
 
 
+def test_a_recipe_that_cannot_split_over_the_ranks_is_one_line_before_any_rank_starts(tiny_model, tmp_path):
+    stage = dict(model=str(tiny_model), data=str(REPO / "recipes" / "data" / "tiny_prompts.jsonl"),
+                 reward_fn="ppo_reward_fns:always_nan", rollout_batch_size=5, batch_size=5, max_steps=1)
+    recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "out", {"ppo": stage})
+    result = align_nproc(recipe)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "align: error: stages.ppo.rollout_batch_size: 5 must be a multiple of the 2 training processes: each "
+        "samples an equal share of every step's prompts"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_one_rank_dying_ends_the_run_with_one_line_and_a_failed_manifest(tiny_model, tmp_path):
     """Rank 1 is killed (as the OOM killer would) inside its first reward call; rank 0 is stopped by the
     launcher; the stage's manifest says failed, naming the rank; stderr carries one error line."""

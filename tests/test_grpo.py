@@ -297,14 +297,13 @@ def test_vllm_layout_mistakes_are_one_line_before_anything_loads(case, tiny_mode
     assert str(e.value).startswith(expected) and "\n" not in str(e.value), str(e.value)
 
 
-def test_colocated_tensor_parallel_passes_with_a_multiple_of_its_processes(monkeypatch):
+def test_colocated_tensor_parallel_passes_with_a_multiple_of_its_processes():
     from align.stages.checks import check_tensor_parallel
 
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    check_tensor_parallel(vllm_stage("grpo", tensor_parallel_size=2), "stages.grpo")
-    check_tensor_parallel(vllm_stage("ppo", tensor_parallel_size=2), "stages.ppo")  # ppo: our engine, its own workers
+    check_tensor_parallel(vllm_stage("grpo", tensor_parallel_size=2), "stages.grpo", 4)
+    check_tensor_parallel(vllm_stage("ppo", tensor_parallel_size=2), "stages.ppo", 4)  # ppo: our engine, its workers
     with pytest.raises(AlignError, match="stages.grpo.tensor_parallel_size: 3 must divide the 4 training processes"):
-        check_tensor_parallel(vllm_stage("grpo", tensor_parallel_size=3), "stages.grpo")
+        check_tensor_parallel(vllm_stage("grpo", tensor_parallel_size=3), "stages.grpo", 4)
 
 
 def test_server_keys_are_unknown_to_ppo(tiny_model, tmp_path):

@@ -71,10 +71,11 @@ def recipe_from_dict(raw: dict, **kwargs) -> Recipe:
     return _recipe_from_dict(raw, stage_types=STAGE_TYPES, **kwargs)
 
 
-def check_recipe(recipe: Recipe) -> dict[str, int]:
+def check_recipe(recipe: Recipe, processes: int | None = None) -> dict[str, int]:
     """Every weight-free check of every stage, in recipe order; returns the row count of each stage's data.
+    `processes`: the ranks that will train (default: this launch's WORLD_SIZE).
 
     Raises `AlignError` naming the stage and key at the first problem."""
     from align.stages.checks import check_stage
 
-    return {name: check_stage(recipe, name) for name in recipe.stages}
+    return {name: check_stage(recipe, name, processes) for name in recipe.stages}

@@ -16,8 +16,10 @@ from align.errors import AlignError
 from align.models import quantization_unavailable
 
 
-def check_stage(recipe: Recipe, name: str) -> int:
-    """All weight-free checks of stage `name`; returns its training data's row count."""
+def check_stage(recipe: Recipe, name: str, processes: int | None = None) -> int:
+    """All weight-free checks of stage `name`; returns its training data's row count. `processes`: how many
+    ranks will train (default: this launch's WORLD_SIZE; `align run --nproc N` checks before it launches)."""
+    from align.distributed import world_size
     from align.stages import STAGES
 
     stage, spec, key = recipe.stages[name], STAGES[recipe.stages[name].type], f"stages.{name}"
@@ -30,8 +32,12 @@ def check_stage(recipe: Recipe, name: str) -> int:
     if stage.batch_size < 1 or stage.grad_accum < 1:
         raise AlignError(f"{key}.batch_size: batch_size and grad_accum must be at least 1; "
                          f"got {stage.batch_size} and {stage.grad_accum}")
+    processes = processes or world_size()
     if spec.online:
-        check_online(recipe, name)
+        check_online(recipe, name, processes)
+    if stage.type == "ppo" and stage.rollout_batch_size % processes:
+        raise AlignError(f"{key}.rollout_batch_size: {stage.rollout_batch_size} must be a multiple of the {processes} "
+                         "training processes: each samples an equal share of every step's prompts")
     check_quantization(stage, key)
     return rows
 
@@ -61,7 +67,7 @@ def check_model(spec: str, key: str) -> None:
         raise AlignError(f"{key}: no such model folder {spec}")
 
 
-def check_online(recipe: Recipe, name: str) -> None:
+def check_online(recipe: Recipe, name: str, processes: int = 1) -> None:
     """PPO, GRPO and RLOO: a reward to learn from, room for the prompt, a working engine, whole groups."""
     stage, key = recipe.stages[name], f"stages.{name}"
     earlier = list(recipe.stages)[: list(recipe.stages).index(name)]
@@ -77,7 +83,7 @@ def check_online(recipe: Recipe, name: str) -> None:
         load_reward_fn(stage.reward_fn, name)
     check_vllm_mode(stage, key)
     if stage.engine == "vllm":
-        check_tensor_parallel(stage, key)  # recipe mistakes first, then what this machine lacks
+        check_tensor_parallel(stage, key, processes)  # recipe mistakes first, then what this machine lacks
         check_vllm(f"{key}.engine")
     if stage.type in ("grpo", "rloo"):
         check_groups(stage, key)
@@ -130,18 +136,15 @@ def check_vllm_mode(stage, key: str) -> None:
         raise AlignError(f"{key}.vllm_mode: 'server' samples from a vLLM server; set engine: vllm, or drop vllm_mode")
 
 
-def check_tensor_parallel(stage, key: str) -> None:
+def check_tensor_parallel(stage, key: str, world: int) -> None:
     """engine vllm: GPUs per engine. A server's own flag sets its GPUs; TRL's colocated vLLM shards the model
-    over groups of `tensor_parallel_size` training processes, so they must divide the processes launched."""
-    import os
-
+    over groups of `tensor_parallel_size` training processes, so they must divide the `world` processes launched."""
     size = stage.tensor_parallel_size
     if size < 1:
         raise AlignError(f"{key}.tensor_parallel_size: must be at least 1; got {size}")
     if stage.vllm_mode == "server" and size != 1:
         raise AlignError(f"{key}.tensor_parallel_size: with vllm_mode: server the server's own --tensor-parallel-size "
                          "sets its GPUs (trl vllm-serve --tensor-parallel-size N); remove it here")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     if stage.type in ("grpo", "rloo") and stage.vllm_mode == "colocate" and world % size:
         raise AlignError(f"{key}.tensor_parallel_size: {size} must divide the {world} training processes (TRL's "
                          f"colocated vLLM shards each engine over a group of {size} of them): launch a multiple of "
