@@ -62,6 +62,16 @@ def launcher() -> str:
     return "other" if world_size() > 1 else "none"
 
 
+def sharding() -> str | None:
+    """What the accelerate launch shards: `fsdp`, `zero3`, `zero2`/`zero1` (DeepSpeed), or None (DDP, one
+    process). Read from the variables `accelerate launch` sets, so the checks know before any model loads."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return "fsdp"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        return f"zero{os.environ.get('ACCELERATE_DEEPSPEED_ZERO_STAGE', '2')}"
+    return None
+
+
 def active() -> bool:
     import torch.distributed as dist
 

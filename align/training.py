@@ -210,12 +210,16 @@ def save_model(model, tokenizer, out: Path, merge_lora: bool, trainer=None, stat
 def gathered_state_dict(accelerator, wrapped) -> dict | None:
     """The full state dict of a sharded (FSDP, ZeRO-3) model, gathered; None otherwise (one process, DDP,
     ZeRO-1/2: every rank already holds all the weights)."""
+    return accelerator.get_state_dict(wrapped) if sharded(accelerator) else None
+
+
+def sharded(accelerator) -> bool:
+    """Whether the weights are split over ranks (FSDP, DeepSpeed ZeRO-3)."""
     from accelerate.utils import DistributedType
 
-    sharded = accelerator.distributed_type == DistributedType.FSDP or (
+    return accelerator.distributed_type == DistributedType.FSDP or (
         accelerator.distributed_type == DistributedType.DEEPSPEED
         and accelerator.deepspeed_config["zero_optimization"]["stage"] == 3)
-    return accelerator.get_state_dict(wrapped) if sharded else None
 
 
 def finite(x):

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, tiny_pref_stage, tiny_sft_stage, write_recipe
+from conftest import REPO, TINY_PREFS, TINY_SFT, tiny_pref_stage, tiny_sft_stage, write_recipe
 
+from align.errors import AlignError
 from align.runner import run_recipe
 from align.stages import load_recipe
 
@@ -72,6 +73,20 @@ def test_two_ranks_at_half_the_batch_follow_one_process(tiny_model, tmp_path):
     assert steps == sorted(set(steps))  # one writer: no step logged twice
     assert (tmp_path / "two" / "sft" / "run.rank1.log").exists()
     assert result.stdout.count("done:") == 1 and result.stderr.count("stage sft: complete") == 1
+
+
+def test_accelerate_launch_with_the_cpu_config_runs_two_ranks(tiny_model, tmp_path):
+    """The accelerate route: `recipes/accelerate/cpu_ddp.yaml` (with --multi_gpu, which only picks accelerate's
+    torchrun launcher) trains on two gloo ranks, half of one process's 34 steps."""
+    recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "out", {"sft": tiny_sft_stage(tiny_model, epochs=1)})
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                             str(REPO / "recipes" / "accelerate" / "cpu_ddp.yaml"), "--multi_gpu",
+                             "--main_process_port", "0", "-m", "align", "run", str(recipe)],
+                            capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    manifest = read(tmp_path / "out" / "sft" / "manifest.json")
+    assert (manifest["world_size"], manifest["launcher"]) == (2, "accelerate")
+    assert read(tmp_path / "out" / "sft" / "metrics.json")["global_step"] == 17
 
 
 def test_dpo_on_two_ranks_takes_half_the_steps_with_the_same_reference(tiny_model, tmp_path, monkeypatch):
@@ -212,6 +227,30 @@ def test_a_recipe_that_cannot_split_over_the_ranks_is_one_line_before_any_rank_s
         "align: error: stages.ppo.rollout_batch_size: 5 must be a multiple of the 2 training processes: each "
         "samples an equal share of every step's prompts"]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("how, stages, expected", [
+    ("fsdp", {"reward": {"lora": {"r": 4}}}, "stages.reward.lora: the adapter is saved merged into the base "
+                                              "(always, for a reward model), which fsdp's shards cannot be yet"),
+    ("zero3", {"sft": {"lora": {"r": 4}, "merge_lora": True}}, "stages.sft.lora: the adapter is saved merged"),
+    ("zero2", {"ppo": {"reward_fn": "ppo_reward_fns:always_nan"}}, "stages.ppo: ppo runs under DDP or FSDP2"),
+])
+def test_what_a_sharded_launch_cannot_do_is_refused_before_training(tiny_model, tmp_path, monkeypatch, how, stages,
+                                                                     expected):
+    """`accelerate launch` with fsdp2.yaml / zero3.yaml / zero2.yaml tells the ranks through these variables."""
+    from align.stages import check_recipe
+
+    data = {"reward": TINY_PREFS, "sft": TINY_SFT, "ppo": REPO / "recipes" / "data" / "tiny_prompts.jsonl"}
+    recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "out", {
+        name: {"model": str(tiny_model), "data": str(data[name]), **extra} for name, extra in stages.items()})
+    monkeypatch.setenv("ACCELERATE_USE_FSDP" if how == "fsdp" else "ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", how[-1])
+    with pytest.raises(AlignError) as e:
+        check_recipe(load_recipe(recipe))
+    assert str(e.value).startswith(expected), str(e.value)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    check_recipe(load_recipe(recipe))  # the same recipe passes under DDP
 
 
 def test_one_rank_dying_ends_the_run_with_one_line_and_a_failed_manifest(tiny_model, tmp_path):

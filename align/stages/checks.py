@@ -39,7 +39,26 @@ def check_stage(recipe: Recipe, name: str, processes: int | None = None) -> int:
         raise AlignError(f"{key}.rollout_batch_size: {stage.rollout_batch_size} must be a multiple of the {processes} "
                          "training processes: each samples an equal share of every step's prompts")
     check_quantization(stage, key)
+    check_sharding(stage, key)
     return rows
+
+
+def check_sharding(stage, key: str) -> None:
+    """Under FSDP or ZeRO-3 (accelerate launch) each rank holds a slice of the weights: what needs all of them
+    in one place, or a DeepSpeed engine our PPO loop does not drive, is refused before anything trains."""
+    from align.distributed import sharding
+
+    how = sharding()
+    if how is None:
+        return
+    if stage.type == "ppo" and how.startswith("zero"):
+        raise AlignError(f"{key}: ppo runs under DDP or FSDP2 (recipes/accelerate/multi_gpu.yaml, fsdp2.yaml); "
+                         f"this launch uses DeepSpeed {how}, which serves the TRL stages")
+    merges = stage.lora is not None and (stage.type == "reward" or getattr(stage, "merge_lora", False))
+    if how in ("fsdp", "zero3") and merges:
+        why = "always, for a reward model" if stage.type == "reward" else "merge_lora: true"
+        raise AlignError(f"{key}.lora: the adapter is saved merged into the base ({why}), which {how}'s shards "
+                         "cannot be yet; launch this stage with recipes/accelerate/multi_gpu.yaml or zero2.yaml")
 
 
 def _rows(path: str, kind: str, key: str) -> int:

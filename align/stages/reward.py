@@ -17,7 +17,7 @@ from align.artifacts import StepLog, Timer, save_folder_atomically, write_json
 from align.config import RewardStage
 from align.data import as_preference, load_split
 from align.models import apply_lora, load_quantized, load_tokenizer, merge_into_unquantized
-from align.training import AlignCallback, finite, train_with_eval, trainer_args
+from align.training import AlignCallback, finite, gathered_state_dict, train_with_eval, trainer_args
 from reward.score import SCORER_CONFIG
 from reward.train import init_reward_model, tokenize_pairs
 
@@ -56,6 +56,7 @@ def run(stage: RewardStage, name: str, out_dir: Path, model_path: str) -> dict:
                        eval_accuracy=finite(after.get("eval_accuracy")), eval_loss=after["eval_loss"],
                        eval_margin=finite(after.get("eval_margin")))
 
+    state_dict = gathered_state_dict(trainer.accelerator, trainer.model_wrapped)  # FSDP/ZeRO-3: every rank takes part
     trained = trainer.model
     if stage.quantization:  # merged into the base loaded afresh in bf16, never into the quantized weights
         trained = merge_into_unquantized(trained, init_reward_model(model_path))
@@ -63,7 +64,7 @@ def run(stage: RewardStage, name: str, out_dir: Path, model_path: str) -> dict:
         trained = trained.merge_and_unload()
 
     def save(tmp: Path) -> None:
-        trained.save_pretrained(tmp)
+        trained.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
         tokenizer.save_pretrained(tmp)
         write_json(tmp / SCORER_CONFIG, {"max_length": stage.max_length})
 
