@@ -157,14 +157,18 @@ def gather(obj: Any) -> list:
 
 
 def all_sum(tensor):
-    """The sum over ranks of `tensor` (a new tensor; fp32 or fp64 on gloo)."""
+    """The sum over ranks of `tensor`: a new tensor on `tensor`'s device (fp32 or fp64 on gloo)."""
     if not active():
         return tensor.clone()
     import torch.distributed as dist
 
     out = tensor.detach().clone()
+    if dist.get_backend() == "nccl" and out.device.type != "cuda":  # NCCL reduces CUDA tensors only
+        import torch
+
+        out = out.to(torch.cuda.current_device())
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out
+    return out.to(tensor.device)
 
 
 def shard(items: list, n: int | None = None, r: int | None = None) -> list:

@@ -268,3 +268,31 @@ def test_one_rank_dying_ends_the_run_with_one_line_and_a_failed_manifest(tiny_mo
     manifest = read(tmp_path / "out" / "ppo" / "manifest.json")
     assert manifest["status"] == "failed" and "rank 1" in manifest["error"]
     assert not (tmp_path / "out" / "ppo" / "model").exists()
+
+
+def test_one_process_helpers(monkeypatch):
+    from align import distributed
+
+    assert distributed.shard(list(range(8)), 2, 0) == [0, 1, 2, 3]
+    assert distributed.shard(list(range(8)), 2, 1) == [4, 5, 6, 7]
+    assert distributed.decide(lambda: 7) == 7 and distributed.gather("x") == ["x"]
+    for var in ("WORLD_SIZE", "RANK", "ALIGN_LAUNCHER", "TORCHELASTIC_RUN_ID", "ACCELERATE_MIXED_PRECISION"):
+        monkeypatch.delenv(var, raising=False)
+    assert distributed.launcher() == "none" and distributed.is_main()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    assert distributed.launcher() == "torchrun"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    assert distributed.launcher() == "accelerate"
+    assert distributed.peer_lost(RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:1"))
+    assert not distributed.peer_lost(RuntimeError("CUDA out of memory")) and not distributed.peer_lost(ValueError("x"))
+    monkeypatch.setenv("RANK", "1")
+    assert not distributed.is_main()
+
+
+def test_whitening_with_a_sum_over_ranks_is_the_plain_one_for_one_rank():
+    from align.losses import masked_whiten
+
+    torch.manual_seed(0)
+    x, mask = torch.randn(4, 6), (torch.rand(4, 6) > 0.3).float()
+    assert torch.allclose(masked_whiten(x, mask, sum_over=lambda t: t), masked_whiten(x, mask), atol=1e-6)
