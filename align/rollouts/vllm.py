@@ -62,7 +62,7 @@ import torch
 from align.errors import AlignError
 from align.rollouts import Completion, Sampling, encode_prompts
 
-INSTALL_HINT = "engine vllm needs a CUDA GPU and `pip install 'align[vllm]'`"
+INSTALL_HINT = "engine vllm needs a CUDA GPU and vllm 0.30.0: `make install-vllm` (it keeps torch and transformers)"
 
 
 def import_vllm():

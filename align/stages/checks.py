@@ -136,8 +136,8 @@ def check_quantization(stage, key: str) -> None:
 
 def check_vllm(key: str) -> None:
     if importlib.util.find_spec("vllm") is None:  # first: it needs no torch import (seconds)
-        raise AlignError(f"{key}: 'vllm' is not installed (it needs a CUDA GPU and pip install 'align[vllm]'); "
-                         "use engine: hf on CPU")
+        raise AlignError(f"{key}: 'vllm' is not installed (it needs a CUDA GPU and `make install-vllm`, which pins "
+                         "vllm 0.30.0 without replacing torch); use engine: hf on CPU")
     import torch
 
     if not torch.cuda.is_available():
