@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "batch shapes), print the plan, train nothing")
     run.add_argument("--nproc", type=int, default=1, metavar="N",
                      help="data-parallel over N local processes (launches torchrun for you: gloo in fp32 on CPU, "
-                          "NCCL on GPUs; each rank takes 1/N of every batch; rank 0 writes). Several machines, FSDP "
+                          "NCCL on GPUs; batch_size is per process, so a step sees N x batch_size rows; rank 0 "
+                          "writes). Several machines, FSDP "
                           "or DeepSpeed: accelerate launch --config_file recipes/accelerate/X.yaml -m align run RECIPE")
     run.add_argument("-v", "--verbose", action="store_true",
                      help="also show on the terminal what goes to each stage's run.log: the trainer's per-step "
@@ -168,7 +169,7 @@ def cmd_run(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     if args.dry_run:
-        print(plan(recipe))
+        print(plan(recipe, processes=args.nproc))
         return 0
     if args.nproc > 1 and world_size() == 1:
         from align.launch import launch

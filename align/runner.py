@@ -177,10 +177,11 @@ def peak_memory_mb() -> dict:
     return peaks
 
 
-def plan(recipe: Recipe) -> str:
-    """What `align run` would do, after every check that needs no weights (`--dry-run`)."""
-    rows = check_recipe(recipe)
-    lines = [f"recipe {recipe.name}: output_dir {recipe.output_dir}, seed {recipe.seed}"]
+def plan(recipe: Recipe, processes: int | None = None) -> str:
+    """What `align run` would do, after every check that needs no weights (`--dry-run`), on `processes` ranks."""
+    rows = check_recipe(recipe, processes)
+    lines = [f"recipe {recipe.name}: output_dir {recipe.output_dir}, seed {recipe.seed}"
+             + (f", {processes} processes" if processes and processes > 1 else "")]
     for name, stage in recipe.stages.items():
         manifest = read_json(recipe.stage_dir(name) / "manifest.json") or {}
         lines.append(f"  {name} ({stage.type}): model {stage.model}, data {stage.data} ({rows[name]} rows), "
