@@ -330,7 +330,7 @@ def test_bad_input_exits_2_from_the_real_command(tmp_path, lively_model):
         pytest.skip("vllm runs here")
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
-    assert line.startswith("align: error: engine vllm needs a CUDA GPU and `pip install 'align[vllm]'`")
+    assert line.startswith("align: error: engine vllm needs a CUDA GPU and vllm 0.30.0: `make install-vllm`")
 
 
 # --- The vLLM engine's own logic, on CPU: pure functions, and VLLMEngine over a stand-in for vllm ---
