@@ -206,10 +206,12 @@ def test_best_vs_worst_pairs_respect_the_margin():
     rewards = [[0.5, 2.0, -1.0], [1.0, 1.0], [0.3, 0.3], [9.0, 1.0, 0.0], [0.0, 0.4]]
     pairs = best_vs_worst(["p0", "p1", "p2", "p3", "p4"], texts, rewards, min_margin=0.0)
     # Equal rewards make no pair; the empty completion is left out although it scored highest.
-    assert pairs == [{"prompt": "p0", "chosen": "b", "rejected": "c", "margin": 3.0},
-                     {"prompt": "p3", "chosen": "long", "rejected": "short", "margin": 1.0},
-                     {"prompt": "p4", "chosen": "q", "rejected": "p", "margin": 0.4}]
+    assert pairs == [{"prompt": "p0", "chosen": "b", "rejected": "c", "score_gap": 3.0},
+                     {"prompt": "p3", "chosen": "long", "rejected": "short", "score_gap": 1.0},
+                     {"prompt": "p4", "chosen": "q", "rejected": "p", "score_gap": 0.4}]
     assert [p["prompt"] for p in best_vs_worst(["p0", "p1", "p2", "p3", "p4"], texts, rewards, 1.0)] == ["p0", "p3"]
+    # --margin: the gap also as the Bradley-Terry margin the reward stage reads
+    assert [p["margin"] for p in best_vs_worst(["p0"], texts[:1], rewards[:1], 0.0, as_margin=True)] == [3.0]
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -223,7 +225,7 @@ def align_cmd(*args, cwd=None) -> subprocess.CompletedProcess:
 
 
 def test_cli_writes_rows_rewards_and_pairs_that_the_stages_and_labeling_read(tmp_path, lively_model, reward_model):
-    from align.data import load_rows
+    from align.data import as_preference, load_rows
     from reward.score import RewardScorer
 
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
@@ -251,8 +253,10 @@ def test_cli_writes_rows_rewards_and_pairs_that_the_stages_and_labeling_read(tmp
         row = by_prompt[json.dumps(pair["prompt"])]
         reward = dict(zip(row["completions"], row["rewards"]))
         assert reward[pair["chosen"]] == max(row["rewards"]) and reward[pair["rejected"]] == min(row["rewards"])
-        assert pair["margin"] == pytest.approx(max(row["rewards"]) - min(row["rewards"])) and pair["margin"] > 0
-    assert len(load_rows(str(pairs), "preference")) == len(written)  # what the reward and DPO stages load
+        assert pair["score_gap"] == pytest.approx(max(row["rewards"]) - min(row["rewards"])) and pair["score_gap"] > 0
+        assert "margin" not in pair  # not a Bradley-Terry margin unless --margin asks
+    loaded = load_rows(str(pairs), "preference")  # what the reward and DPO stages load
+    assert len(loaded) == len(written) and all(as_preference(r).get("margin") is None for r in loaded.rows)
 
     db = tmp_path / "labels.sqlite"
     imported = align_cmd("label", "import", out, "--db", db)

@@ -9,10 +9,13 @@ One row per prompt, in the rollouts format of ARCHITECTURE.md, which `align labe
 completion rendered by its own tokenizer), so it need not share the policy's tokenizer.
 
 `--pairs` also writes, per prompt, the best against the worst completion by reward,
-`{"prompt", "chosen", "rejected", "margin"}`, the preference format the reward and DPO
+`{"prompt", "chosen", "rejected", "score_gap"}`, the preference format the reward and DPO
 stages read (and `align label import` takes, to have people re-judge). A prompt gives a
 pair when the reward gap is above zero and at least `--min-margin`; empty completions are
-left out of pairs (the preference format refuses empty responses).
+left out of pairs (the preference format refuses empty responses). The gap is written as
+`score_gap`, which no stage reads: a reward stage trained on these pairs would otherwise take
+the old reward model's gap as a Bradley-Terry `margin` and learn to copy its scale. `--margin`
+writes it as `margin` too, for when that is what you want.
 
 Both files are written whole, to a temporary name then renamed: a crash leaves nothing.
 """
@@ -59,6 +62,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                                    "(needs --reward-model)")
     p.add_argument("--min-margin", type=float, default=0.0,
                    help="smallest reward gap that makes a pair (default 0: any gap above zero)")
+    p.add_argument("--margin", action="store_true",
+                   help="also write each pair's reward gap as 'margin', which the reward stage reads as a "
+                        "Bradley-Terry margin (default: only as 'score_gap', which no stage reads)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 is greedy (default 1.0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (default 0: off)")
@@ -150,7 +156,7 @@ def run(args) -> int:
     write_text(args.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     print(f"wrote {args.out} ({len(rows)} rows)")
     if args.pairs:
-        pairs = best_vs_worst(prompts, texts, rewards, args.min_margin)
+        pairs = best_vs_worst(prompts, texts, rewards, args.min_margin, as_margin=args.margin)
         write_text(args.pairs, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
         print(f"wrote {args.pairs} ({len(pairs)} pairs; {len(prompts) - len(pairs)} prompts had no reward gap "
               f"above {args.min_margin:g})")
@@ -219,9 +225,10 @@ def score(reward_model: str, prompts: list, texts: list[list[str]], batch_size: 
     return out
 
 
-def best_vs_worst(prompts: list, texts: list[list[str]], rewards: list[list[float]], min_margin: float) -> list[dict]:
+def best_vs_worst(prompts: list, texts: list[list[str]], rewards: list[list[float]], min_margin: float,
+                  as_margin: bool = False) -> list[dict]:
     """Per prompt, the highest- against the lowest-reward non-empty completion, when their gap is
-    above zero and at least `min_margin`."""
+    above zero and at least `min_margin`; the gap as `score_gap` (and as `margin` with `as_margin`)."""
     pairs = []
     for prompt, group, scores in zip(prompts, texts, rewards):
         candidates = [j for j, text in enumerate(group) if text.strip()]
@@ -233,5 +240,6 @@ def best_vs_worst(prompts: list, texts: list[list[str]], rewards: list[list[floa
         # Equal texts score (nearly) equal; the strip check also guards against float noise between batches.
         if margin <= 0 or margin < min_margin or group[best].strip() == group[worst].strip():
             continue
-        pairs.append({"prompt": prompt, "chosen": group[best], "rejected": group[worst], "margin": margin})
+        pair = {"prompt": prompt, "chosen": group[best], "rejected": group[worst], "score_gap": margin}
+        pairs.append({**pair, "margin": margin} if as_margin else pair)
     return pairs
