@@ -11,12 +11,17 @@ the script starts (so a copy that drifted from the installed source fails loudly
 Each item prints the largest absolute difference over several seeds, B = 4..8 rows, T = 5..12
 tokens and right-padded masks (one row always fills T, one row is always a single token). A
 difference that is a convention, not a bug, is printed as such with the reason.
+
+The script is in two halves so that CI needs no TRL 1.12: `trl_outputs` (TRL's side, needs the
+trl112 venv) and `align_diffs` + `compare` (align's side, needs only torch). `bench/make_trl112_fixture.py`
+stores the inputs and TRL's outputs in `tests/fixtures/trl112_ppo_math.pt`, and
+`tests/test_trl112_parity.py` runs align's side against that file.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import inspect
+import math
 import os
 import sys
 from pathlib import Path
@@ -37,11 +42,22 @@ def load_align_losses():
 
 L = load_align_losses()
 
-os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-import trl  # noqa: E402
-from trl.experimental.ppo import ppo_trainer as T  # noqa: E402
+INVALID_LOGPROB = 1.0  # what TRL writes into logprobs past the last real token; load_trl() checks it
+T = None  # trl.experimental.ppo.ppo_trainer, set by load_trl(); only TRL's side uses it
+GAMMA, LAM, KL_COEF, CLIP, VCLIP = 1.0, 0.95, 0.05, 0.2, 0.2
+SEEDS = range(20)
 
-INVALID_LOGPROB = T.INVALID_LOGPROB  # 1.0: what TRL writes into logprobs past the last real token
+
+def load_trl():
+    """Import TRL 1.12.0's ppo_trainer module (only the trl112 venv has it) as the global T."""
+    global T
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    import trl
+    from trl.experimental.ppo import ppo_trainer
+
+    T = ppo_trainer
+    assert T.INVALID_LOGPROB == INVALID_LOGPROB, T.INVALID_LOGPROB
+    return trl
 
 
 # Copies of TRL 1.12.0 trl/experimental/ppo/ppo_trainer.py, PPOTrainer.train. Each `# L<n>` marks the
@@ -138,7 +154,7 @@ def check_copies() -> None:
     TRL's module functions called as T.<name>, the mini-batch indexing `[micro_batch_inds]` dropped,
     and the renames listed in `renamed`."""
     src = Path(T.__file__).read_text().splitlines()
-    mine = inspect.getsource(sys.modules[__name__]).splitlines()
+    mine = Path(__file__).read_text().splitlines()
     renamed = {
         "gen_length = rewards.shape[1]": "gen_length = responses.shape[1]",
         "return torch.masked_fill(advantages, padding_mask, 0)":
@@ -162,7 +178,8 @@ def check_copies() -> None:
         sys.exit("copies of TRL's PPOTrainer.train no longer match the installed source:\n" + "\n".join(bad))
 
 
-def random_case(seed: int):
+def random_case(seed: int) -> dict:
+    """The inputs of one case: float64 tensors, right-padded rows (`last`: each row's last real index)."""
     g = torch.Generator().manual_seed(seed)
     B = int(torch.randint(4, 9, (1,), generator=g))
     Tn = int(torch.randint(5, 13, (1,), generator=g))
@@ -170,9 +187,174 @@ def random_case(seed: int):
     last = torch.randint(0, Tn, (B,), generator=g)
     last[0], last[1] = Tn - 1, 0
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    return dict(B=B, T=Tn, last=last, logps=-r(B, Tn).abs() - 0.5, ref_logps=-r(B, Tn).abs() - 0.5,
+    case = dict(seed=seed, B=B, T=Tn, last=last, logps=-r(B, Tn).abs() - 0.5, ref_logps=-r(B, Tn).abs() - 0.5,
                 new_logps=-r(B, Tn).abs() - 0.5, values=r(B, Tn), new_values=r(B, Tn), scores=r(B),
                 advantages=r(B, Tn), returns=r(B, Tn), logits=3 * r(B, Tn, 11))
+    real = torch.arange(Tn).unsqueeze(0) <= last.unsqueeze(1)
+    case["rewards0"] = torch.randn(B, Tn, generator=torch.Generator().manual_seed(1000 + seed),
+                                   dtype=torch.float64) * real.double()
+    return case
+
+
+def masks(c: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """real (B, T) bool: our completion mask; real_p1: TRL's ~padding_mask_p1 (one token longer); mask: real as float."""
+    Tn, last = c["T"], c["last"]
+    real = torch.arange(Tn).unsqueeze(0) <= last.unsqueeze(1)
+    real_p1 = torch.arange(Tn).unsqueeze(0) <= (last + 1).unsqueeze(1)
+    return real, real_p1, real.double()
+
+
+def trl_outputs(c: dict) -> dict:
+    """Everything TRL 1.12.0 computes for case c (its copied inline code and its imported functions).
+    Needs load_trl(). Every value is a tensor, so the dict can be stored with torch.save."""
+    real, real_p1, mask = masks(c)
+    out = {}
+    # (d) KL, both estimators, after TRL's INVALID_LOGPROB fill.
+    for est in ("k1", "k3"):
+        t = trl_rollout_tensors(NS(kl_estimator=est, kl_coef=KL_COEF), c["logps"], c["ref_logps"], c["values"],
+                                c["scores"], c["last"])
+        out[f"kl_{est}"] = t["kl"]
+    # The k1 pipeline's tensors feed GAE and the losses below.
+    t = trl_rollout_tensors(NS(kl_estimator="k1", kl_coef=KL_COEF), c["logps"], c["ref_logps"], c["values"],
+                            c["scores"], c["last"])
+    for k in ("logprobs", "values", "rewards", "padding_mask", "padding_mask_p1"):
+        out[f"rollout_{k}"] = t[k]
+    # (a) GAE: same inputs (zero past the end); values not zeroed; TRL's own pipeline at lam and at lam = 1.
+    gl = NS(gamma=GAMMA, lam=LAM)
+    out["gae_same_adv"], out["gae_same_ret"] = trl_gae(gl, c["rewards0"], c["values"] * mask)
+    out["gae_unzeroed_adv"], _ = trl_gae(gl, c["rewards0"], c["values"])
+    out["gae_pipeline_adv"], out["gae_pipeline_ret"] = trl_gae(gl, out["rollout_rewards"], out["rollout_values"])
+    out["gae_pipeline_lam1_adv"], _ = trl_gae(NS(gamma=GAMMA, lam=1.0), out["rollout_rewards"], out["rollout_values"])
+    # (c) whitening.
+    out["whiten_adv"] = trl_whiten_advantages(out["gae_pipeline_adv"], out["rollout_padding_mask"])
+    x = c["returns"]
+    out["whiten_noshift"] = T.masked_whiten(x, real, shift_mean=False)
+    out["whiten_raw"] = T.masked_whiten(x, real)
+    out["masked_mean"] = T.masked_mean(x, real)
+    out["masked_var"] = T.masked_var(x, real)
+    # (b) losses, on TRL-processed rollout tensors.
+    tl = trl_losses(NS(cliprange=CLIP, cliprange_value=VCLIP), c["new_logps"], c["new_values"],
+                    out["rollout_logprobs"], out["rollout_values"], c["advantages"] * mask, c["returns"] * real_p1,
+                    out["rollout_padding_mask"], out["rollout_padding_mask_p1"])
+    for k in ("vf_loss", "vf_clipfrac", "pg_loss", "pg_clipfrac", "approxkl"):
+        out[k] = tl[k]
+    out["entropy"] = trl_entropy(c["logits"])
+    return {k: v.detach() for k, v in out.items()}
+
+
+def trl_edge_outputs() -> dict:
+    """Two edge cases that differ by construction (printed, not compared)."""
+    one = torch.tensor([[0.7, 0.0, 0.0]], dtype=torch.float64)
+    one_mask = torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64)
+    with torch.no_grad():
+        return {"whiten_one": T.masked_whiten(one, one_mask.bool()),
+                "mean_empty": T.masked_mean(one, torch.zeros_like(one_mask).bool())}
+
+
+def pack(dicts: list[dict]) -> tuple[torch.Tensor, list[dict]]:
+    """Many small dicts of tensors as one flat float64 tensor plus a layout (for a small fixture file:
+    one storage instead of hundreds). Bool and int64 values are exact in float64; other values (ints)
+    go into the layout as they are."""
+    flat, layout = [], []
+    for d in dicts:
+        entry = {}
+        for k, v in d.items():
+            if torch.is_tensor(v):
+                entry[k] = ("tensor", tuple(v.shape), str(v.dtype).removeprefix("torch."))
+                flat.append(v.detach().reshape(-1).to(torch.float64))
+            else:
+                entry[k] = ("value", v)
+        layout.append(entry)
+    return torch.cat(flat), layout
+
+
+def unpack(flat: torch.Tensor, layout: list[dict]) -> list[dict]:
+    out, i = [], 0
+    for entry in layout:
+        d = {}
+        for k, spec in entry.items():
+            if spec[0] == "value":
+                d[k] = spec[1]
+                continue
+            shape, dtype = tuple(spec[1]), getattr(torch, spec[2])
+            n = math.prod(shape)
+            d[k] = flat[i:i + n].reshape(shape).to(dtype)
+            i += n
+        out.append(d)
+    assert i == flat.numel(), (i, flat.numel())
+    return out
+
+
+def maxdiff(a, b, where=None) -> float:
+    d = (a - b).abs()
+    if where is not None:
+        d = d[where]
+    return float(d.max()) if d.numel() else 0.0
+
+
+def align_diffs(c: dict, t: dict) -> dict[str, float]:
+    """align.losses on case c against TRL's outputs t (from trl_outputs, live or stored): the largest
+    absolute difference per item. Needs only torch and align/losses.py."""
+    real, real_p1, mask = masks(c)
+    last = c["last"]
+    d = {}
+    # (d) KL: TRL's per-token kl (0 on padding after its INVALID_LOGPROB fill) vs kl_estimate.
+    for est in ("k1", "k3"):
+        ours = L.kl_estimate(c["logps"], c["ref_logps"], est) * mask
+        d[f"kl_{est}"] = maxdiff(t[f"kl_{est}"], ours)
+        d[f"kl_{est}_pad"] = float(t[f"kl_{est}"][~real].abs().max()) if (~real).any() else 0.0
+    assert torch.equal(~t["rollout_padding_mask"], real) and torch.equal(~t["rollout_padding_mask_p1"], real_p1)
+
+    # (a1) Same inputs, zero past the last real token: TRL's unmasked loop and ours agree on real tokens.
+    adv_o, ret_o = L.gae(c["rewards0"], c["values"] * mask, mask, GAMMA, LAM)
+    d["gae_same_inputs_adv"] = maxdiff(t["gae_same_adv"], adv_o, real)
+    d["gae_same_inputs_ret"] = maxdiff(t["gae_same_ret"], ret_o, real)
+    d["gae_same_inputs_pad"] = maxdiff(t["gae_same_adv"], adv_o, ~real)
+    # (a2) Values NOT zeroed past the end: TRL bootstraps from V at the first padded position; ours treats it as 0.
+    adv_o2, _ = L.gae(c["rewards0"], c["values"], mask, GAMMA, LAM)
+    d["gae_unzeroed_values"] = maxdiff(t["gae_unzeroed_adv"], adv_o2, real)
+    # (a3) TRL's own pipeline: score one step past the last token (actual_end), values kept there. Ours, given
+    # TRL's rewards and values and a mask one token longer (~padding_mask_p1), reproduces it exactly.
+    adv_o3, ret_o3 = L.gae(t["rollout_rewards"], t["rollout_values"], real_p1.double(), GAMMA, LAM)
+    d["gae_trl_pipeline_p1_mask"] = max(maxdiff(t["gae_pipeline_adv"], adv_o3, real_p1),
+                                        maxdiff(t["gae_pipeline_ret"], ret_o3, real_p1))
+    # (a4) ...whereas the natural align convention (score on the last real token, mask = real tokens, V past
+    # the end = 0) gives different advantages on real tokens unless lam = 1 and V(s_end+1) = score.
+    rewards_ours = -KL_COEF * L.kl_estimate(c["logps"], c["ref_logps"], "k1") * mask
+    rewards_ours[torch.arange(c["B"]), last] += c["scores"]
+    adv_o4, _ = L.gae(rewards_ours, c["values"], mask, GAMMA, LAM)
+    d["gae_trl_vs_align_convention"] = maxdiff(t["gae_pipeline_adv"], adv_o4, real)
+    # With lam = 1, TRL's A_t = sum of rewards to the end - V_t; the same as ours when the p1 reward is moved back.
+    adv_o5, _ = L.gae(rewards_ours, c["values"], mask, GAMMA, 1.0)
+    d["gae_trl_vs_align_lam1"] = maxdiff(t["gae_pipeline_lam1_adv"], adv_o5, real)
+
+    # (c) masked_whiten: TRL's whitening of advantages (then zero on padding) vs ours.
+    w_o = L.masked_whiten(t["gae_pipeline_adv"], mask)
+    d["whiten_real"] = maxdiff(t["whiten_adv"], w_o, real)
+    d["whiten_pad"] = maxdiff(t["whiten_adv"], w_o, ~real)
+    x = c["returns"]
+    d["whiten_noshift_real"] = maxdiff(t["whiten_noshift"], L.masked_whiten(x, mask, shift_mean=False), real)
+    d["whiten_raw_pad"] = maxdiff(t["whiten_raw"], L.masked_whiten(x, mask), ~real)
+    d["masked_mean"] = abs(float(t["masked_mean"] - L.masked_mean(x, mask)))
+    d["masked_var"] = abs(float(t["masked_var"] - L.masked_var(x, mask)))
+
+    # (b) Losses, on TRL-processed rollout tensors (INVALID_LOGPROB on padding, values zero past p1).
+    pg, pg_stats = L.ppo_policy_loss(c["new_logps"], c["logps"], c["advantages"] * mask, mask, CLIP)
+    d["pg_loss"] = abs(float(t["pg_loss"] - pg))
+    d["pg_clipfrac"] = abs(float(t["pg_clipfrac"] - pg_stats["clip_frac"]))
+    d["approxkl"] = abs(float(t["approxkl"] - pg_stats["approx_kl"]))
+    d["approxkl_times_real_share"] = abs(float(t["approxkl"] - pg_stats["approx_kl"] * mask.mean()))
+    # Value loss with TRL's mask (one token past the end) and with ours (real tokens only).
+    vf_p1, vf_p1_stats = L.ppo_value_loss(c["new_values"] * real_p1, t["rollout_values"], c["returns"] * real_p1,
+                                          real_p1.double(), VCLIP)
+    d["vf_loss_p1_mask"] = abs(float(t["vf_loss"] - vf_p1))
+    d["vf_clipfrac_p1_mask"] = abs(float(t["vf_clipfrac"] - vf_p1_stats["value_clip_frac"]))
+    vf_real, _ = L.ppo_value_loss(c["new_values"], t["rollout_values"], c["returns"], mask, VCLIP)
+    d["vf_loss_real_mask"] = abs(float(t["vf_loss"] - vf_real))
+
+    # Entropy (a logged stat in TRL, a loss term in ours when entropy_coef > 0).
+    d["entropy"] = maxdiff(t["entropy"], L.entropy_from_logits(c["logits"]).double())
+    return d
 
 
 class Report:
@@ -199,117 +381,21 @@ class Report:
         return ok_all
 
 
-def maxdiff(a, b, where=None) -> float:
-    d = (a - b).abs()
-    if where is not None:
-        d = d[where]
-    return float(d.max()) if d.numel() else 0.0
-
-
-def main() -> None:
-    check_copies()
-    print(f"TRL {trl.__version__} ({Path(T.__file__).relative_to(Path(trl.__file__).parents[1])}), torch {torch.__version__}")
-    print("align.losses from", REPO / "align" / "losses.py")
-    seeds = range(20)
-    gamma, lam, kl_coef, clip, vclip = 1.0, 0.95, 0.05, 0.2, 0.2
+def compare(cases: list[dict], trl_out: list[dict], edge: dict) -> bool:
+    """align's side of every case against TRL's outputs; prints the report; True when every item that is
+    not a documented convention is within its tolerance."""
     worst: dict[str, float] = {}
-
-    def keep(key, value):
-        worst[key] = max(worst.get(key, 0.0), value)
-
-    shapes = []
-    for seed in seeds:
-        c = random_case(seed)
-        shapes.append((c["B"], c["T"]))
-        last, Tn = c["last"], c["T"]
-        real = torch.arange(Tn).unsqueeze(0) <= last.unsqueeze(1)  # (B, T) ours: the completion mask
-        real_p1 = torch.arange(Tn).unsqueeze(0) <= (last + 1).unsqueeze(1)  # TRL's ~padding_mask_p1
-        mask = real.double()
-
-        # (d) KL: TRL's per-token kl (after its INVALID_LOGPROB fill, so 0 on padding) vs kl_estimate.
-        for est in ("k1", "k3"):
-            t = trl_rollout_tensors(NS(kl_estimator=est, kl_coef=kl_coef), c["logps"], c["ref_logps"], c["values"],
-                                    c["scores"], last)
-            ours = L.kl_estimate(c["logps"], c["ref_logps"], est) * mask
-            keep(f"kl_{est}", maxdiff(t["kl"], ours))
-            keep(f"kl_{est}_pad", float(t["kl"][~real].abs().max()) if (~real).any() else 0.0)
-
-        t = trl_rollout_tensors(NS(kl_estimator="k1", kl_coef=kl_coef), c["logps"], c["ref_logps"], c["values"], c["scores"],
-                                last)
-        assert torch.equal(~t["padding_mask"], real) and torch.equal(~t["padding_mask_p1"], real_p1)
-
-        # (a1) Same inputs, zero past the last real token: TRL's unmasked loop and ours agree on real tokens.
-        rewards0 = torch.randn(c["B"], Tn, generator=torch.Generator().manual_seed(1000 + seed),
-                               dtype=torch.float64) * mask
-        values0 = c["values"] * mask
-        adv_t, ret_t = trl_gae(NS(gamma=gamma, lam=lam), rewards0, values0)
-        adv_o, ret_o = L.gae(rewards0, values0, mask, gamma, lam)
-        keep("gae_same_inputs_adv", maxdiff(adv_t, adv_o, real))
-        keep("gae_same_inputs_ret", maxdiff(ret_t, ret_o, real))
-        keep("gae_same_inputs_pad", maxdiff(adv_t, adv_o, ~real))
-        # (a2) Values NOT zeroed past the end: TRL bootstraps from V at the first padded position; ours treats it as 0.
-        adv_t2, _ = trl_gae(NS(gamma=gamma, lam=lam), rewards0, c["values"])
-        adv_o2, _ = L.gae(rewards0, c["values"], mask, gamma, lam)
-        keep("gae_unzeroed_values", maxdiff(adv_t2, adv_o2, real))
-        # (a3) TRL's own pipeline: score one step past the last token (actual_end), values kept there. Ours, given
-        # TRL's rewards and values and a mask one token longer (~padding_mask_p1), reproduces it exactly.
-        adv_t3, ret_t3 = trl_gae(NS(gamma=gamma, lam=lam), t["rewards"], t["values"])
-        adv_o3, ret_o3 = L.gae(t["rewards"], t["values"], real_p1.double(), gamma, lam)
-        keep("gae_trl_pipeline_p1_mask", max(maxdiff(adv_t3, adv_o3, real_p1), maxdiff(ret_t3, ret_o3, real_p1)))
-        # (a4) ...whereas the natural align convention (score on the last real token, mask = real tokens, V past
-        # the end = 0) gives different advantages on real tokens unless lam = 1 and V(s_end+1) = score.
-        rewards_ours = -kl_coef * L.kl_estimate(c["logps"], c["ref_logps"], "k1") * mask
-        rewards_ours[torch.arange(c["B"]), last] += c["scores"]
-        adv_o4, _ = L.gae(rewards_ours, c["values"], mask, gamma, lam)
-        keep("gae_trl_vs_align_convention", maxdiff(adv_t3, adv_o4, real))
-        adv_t5, _ = trl_gae(NS(gamma=gamma, lam=1.0), t["rewards"], t["values"])
-        # With lam = 1, TRL's A_t = sum of rewards to the end - V_t; the same as ours when the p1 reward is moved back.
-        adv_o5, _ = L.gae(rewards_ours, c["values"], mask, gamma, 1.0)
-        keep("gae_trl_vs_align_lam1", maxdiff(adv_t5, adv_o5, real))
-
-        # (c) masked_whiten: TRL's whitening of advantages (then zero on padding) vs ours.
-        w_t = trl_whiten_advantages(adv_t3, t["padding_mask"])
-        w_o = L.masked_whiten(adv_t3, mask)
-        keep("whiten_real", maxdiff(w_t, w_o, real))
-        keep("whiten_pad", maxdiff(w_t, w_o, ~real))
-        x = c["returns"]
-        keep("whiten_noshift_real", maxdiff(T.masked_whiten(x, real, shift_mean=False),
-                                           L.masked_whiten(x, mask, shift_mean=False), real))
-        keep("whiten_raw_pad", maxdiff(T.masked_whiten(x, real), L.masked_whiten(x, mask), ~real))
-        keep("masked_mean", abs(float(T.masked_mean(x, real) - L.masked_mean(x, mask))))
-        keep("masked_var", abs(float(T.masked_var(x, real) - L.masked_var(x, mask))))
-
-        # (b) Losses, on TRL-processed rollout tensors (INVALID_LOGPROB on padding, values zero past p1).
-        tl = trl_losses(NS(cliprange=clip, cliprange_value=vclip), c["new_logps"], c["new_values"], t["logprobs"],
-                        t["values"], c["advantages"] * mask, c["returns"] * real_p1, t["padding_mask"],
-                        t["padding_mask_p1"])
-        pg, pg_stats = L.ppo_policy_loss(c["new_logps"], c["logps"], c["advantages"] * mask, mask, clip)
-        keep("pg_loss", abs(float(tl["pg_loss"] - pg)))
-        keep("pg_clipfrac", abs(float(tl["pg_clipfrac"] - pg_stats["clip_frac"])))
-        keep("approxkl", abs(float(tl["approxkl"] - pg_stats["approx_kl"])))
-        keep("approxkl_times_real_share", abs(float(tl["approxkl"] - pg_stats["approx_kl"] * mask.mean())))
-        # Value loss with TRL's mask (one token past the end) and with ours (real tokens only).
-        vf_p1, vf_p1_stats = L.ppo_value_loss(c["new_values"] * real_p1, t["values"], c["returns"] * real_p1,
-                                              real_p1.double(), vclip)
-        keep("vf_loss_p1_mask", abs(float(tl["vf_loss"] - vf_p1)))
-        keep("vf_clipfrac_p1_mask", abs(float(tl["vf_clipfrac"] - vf_p1_stats["value_clip_frac"])))
-        vf_real, _ = L.ppo_value_loss(c["new_values"], t["values"], c["returns"], mask, vclip)
-        keep("vf_loss_real_mask", abs(float(tl["vf_loss"] - vf_real)))
-
-        # Entropy (a logged stat in TRL, a loss term in ours when entropy_coef > 0).
-        keep("entropy", maxdiff(trl_entropy(c["logits"]), L.entropy_from_logits(c["logits"]).double()))
-
-    # Edge cases that differ by construction.
+    for c, t in zip(cases, trl_out, strict=True):
+        for k, v in align_diffs(c, t).items():
+            worst[k] = max(worst.get(k, 0.0), v)
+    shapes = [(c["B"], c["T"]) for c in cases]
     one = torch.tensor([[0.7, 0.0, 0.0]], dtype=torch.float64)
     one_mask = torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64)
-    with torch.no_grad():
-        trl_one = T.masked_whiten(one, one_mask.bool())
-        ours_one = L.masked_whiten(one, one_mask)
-        trl_empty = T.masked_mean(one, torch.zeros_like(one_mask).bool())
-        ours_empty = L.masked_mean(one, torch.zeros_like(one_mask))
+    ours_one = L.masked_whiten(one, one_mask)
+    ours_empty = L.masked_mean(one, torch.zeros_like(one_mask))
 
     print(f"{len(shapes)} seeds, (B, T) from {min(shapes)} to {max(shapes)}, float64, "
-          f"gamma={gamma} lam={lam} kl_coef={kl_coef} cliprange={clip} cliprange_value={vclip}\n")
+          f"gamma={GAMMA} lam={LAM} kl_coef={KL_COEF} cliprange={CLIP} cliprange_value={VCLIP}\n")
     r = Report()
     print("(d) KL penalty, TRL L773-774 (after the L765-766 INVALID_LOGPROB fill) vs kl_estimate(logps, ref_logps)")
     r.add("k1 on all positions", worst["kl_k1"])
@@ -374,13 +460,22 @@ def main() -> None:
     ok &= print_and_reset()
 
     print("\nedge cases (by construction, not sampled)")
-    print(f"  one real token, masked_whiten: TRL {trl_one[0, 0].item()!r} (Bessel n/(n-1) with n=1), "
+    print(f"  one real token, masked_whiten: TRL {edge['whiten_one'][0, 0].item()!r} (Bessel n/(n-1) with n=1), "
           f"ours {ours_one[0, 0].item()!r}")
-    print(f"  no real token, masked_mean:    TRL {trl_empty.item()!r}, ours {ours_empty.item()!r}")
+    print(f"  no real token, masked_mean:    TRL {edge['mean_empty'].item()!r}, ours {ours_empty.item()!r}")
     print("  TRL's masked_var raises ValueError when the mask is empty; ours returns 0.")
     print("\nall non-convention items match" if ok else "\nSOME NON-CONVENTION ITEMS DIFFER (see MISMATCH above)")
-    sys.exit(0 if ok else 1)
+    return ok
 
+
+def main() -> None:
+    trl = load_trl()
+    check_copies()
+    print(f"TRL {trl.__version__} ({Path(T.__file__).relative_to(Path(trl.__file__).parents[1])}), torch {torch.__version__}")
+    print("align.losses from", REPO / "align" / "losses.py")
+    cases = [random_case(seed) for seed in SEEDS]
+    ok = compare(cases, [trl_outputs(c) for c in cases], trl_edge_outputs())
+    sys.exit(0 if ok else 1)
 
 if __name__ == "__main__":
     main()

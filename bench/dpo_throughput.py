@@ -1,13 +1,31 @@
-"""DPO throughput: TRL's DPOTrainer used directly versus the align DPO stage (cache cold, then warm).
+"""DPO throughput: TRL's DPOTrainer used directly, in two configurations, versus the align DPO stage.
 
-    python bench/dpo_throughput.py                  # a 4-layer, 256-wide random model (~2 min)
+    python bench/dpo_throughput.py                  # a 4-layer, 256-wide random model (~3 min)
     python bench/dpo_throughput.py --model smollm2  # the real 135M model (slow on a CPU)
+    python bench/dpo_throughput.py --rounds 2       # every configuration twice, alternating; medians
 
-One run of this script measures all three on the same model, data and settings. Each is a
-child process of its own, so its peak RSS is its own; each child times model loading,
-tokenization, reference passes and training (everything a user waits for), and counts the
-same tokens (prompt + chosen and prompt + rejected, per epoch). Reported: tokens/s, peak
-RSS, and the ratios against TRL. Targets: cold >= 0.95x TRL, warm >= 1.25x TRL.
+One run of this script measures four configurations on the same model, data and settings:
+
+  trl             DPOTrainer with its defaults: a second (reference) model loaded, and a reference
+                  forward over each batch at every step.
+  trl-precompute  DPOTrainer with `precompute_ref_log_probs=True`, TRL's best configuration here:
+                  no reference model is loaded; the reference log-probs are computed once, through
+                  the policy before its first step, then read from the dataset (TRL's own
+                  `precompute_ref_batch_size`, default the training batch size).
+  align-cold      the align DPO stage with `ref_cache: true` (its default), empty cache: the same
+                  one-off precompute as trl-precompute (at 4x the training batch), stored on disk.
+  align-warm      the same stage again: the reference log-probs are read from that cache, no
+                  reference pass at all.
+
+Each is a child process of its own, so its peak RSS is its own; each child times model loading,
+tokenization, reference passes and training (everything a user waits for), and counts the same
+tokens (prompt + chosen and prompt + rejected, per epoch). Activation checkpointing is off in all
+four; each child runs `--threads` torch threads (default 1). Reported: tokens/s, peak RSS, and every run's speed and memory against both TRL
+configurations. With `--rounds N` the configurations run in turn N times (each round with a new,
+empty align cache); reported are the median seconds, the largest peak RSS, and as speed the median
+of the per-round ratios (a round's four runs are back to back, so load from other work on a shared
+machine touches their ratios least).
+Targets: cold >= 0.95x TRL, warm >= 1.25x TRL.
 """
 
 from __future__ import annotations
@@ -15,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,9 +65,11 @@ def count_tokens(model_path: str, rows: list[dict], epochs: int) -> int:
     return n * epochs
 
 
-def child_trl(model_path: str, s: dict, out: str) -> None:
+def child_trl(model_path: str, s: dict, out: str, precompute: bool = False) -> None:
     """What a TRL user writes: DPOTrainer with its defaults (a reference model, forwards every step),
-    except activation checkpointing, set as align sets it so both run the same computation."""
+    except activation checkpointing, set as align sets it so both run the same computation. With
+    `precompute`, `precompute_ref_log_probs=True`: no reference model, reference log-probs computed
+    once through the policy before training."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -60,7 +81,8 @@ def child_trl(model_path: str, s: dict, out: str) -> None:
     config = DPOConfig(output_dir=out, learning_rate=s["lr"], beta=s["beta"], per_device_train_batch_size=s["batch_size"],
                        num_train_epochs=s["epochs"], max_length=s["max_length"], seed=s["seed"], bf16=False,
                        report_to=[], save_strategy="no", logging_steps=50, disable_tqdm=True,
-                       gradient_checkpointing=False)  # TRL defaults to True; align's default is False
+                       gradient_checkpointing=False,  # TRL defaults to True; align's default is False
+                       precompute_ref_log_probs=precompute)
     trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(pairs(s["pairs"])),
                          processing_class=tok)
     trainer.train()
@@ -92,8 +114,9 @@ def report(seconds: float, **extra) -> None:
                                   **extra}), flush=True)
 
 
-def run_child(kind: str, model_path: str, s: dict, cache: str) -> dict:
-    env = {**os.environ, "ALIGN_CACHE": cache, "TQDM_DISABLE": "1", "PYTHONPATH": str(REPO)}
+def run_child(kind: str, model_path: str, s: dict, cache: str, threads: int) -> dict:
+    env = {**os.environ, "ALIGN_CACHE": cache, "TQDM_DISABLE": "1", "PYTHONPATH": str(REPO),
+           "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     with tempfile.TemporaryDirectory() as out:
         proc = subprocess.run([sys.executable, __file__, "--child", kind, "--model-path", model_path,
                                "--settings", json.dumps(s), "--out", out],
@@ -110,6 +133,10 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=1, help="run every configuration this many times, alternating")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per child (OMP_NUM_THREADS). 1 by default, as in bench/ppo_step.py: on a "
+                        "shared 2-core machine two OpenMP threads per process made runs 10-40x slower under load")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--model-path", help=argparse.SUPPRESS)
     p.add_argument("--settings", help=argparse.SUPPRESS)
@@ -117,7 +144,10 @@ def main() -> None:
     args = p.parse_args()
     if args.child:
         s = json.loads(args.settings)
-        (child_trl if args.child == "trl" else child_align)(args.model_path, s, args.out)
+        if args.child == "align":
+            child_align(args.model_path, s, args.out)
+        else:
+            child_trl(args.model_path, s, args.out, precompute=args.child == "trl-precompute")
         return
 
     sys.path.insert(0, str(REPO))
@@ -134,20 +164,45 @@ def main() -> None:
         model_path = args.model
     s = settings(args)
     tokens = count_tokens(model_path, pairs(args.pairs), args.epochs)
-    cache = str(work / "cache")
+    configs = (("trl", "trl"), ("trl-precompute", "trl-precompute"), ("align-cold", "align"),
+               ("align-warm", "align"))
+    runs: dict[str, list[dict]] = {name: [] for name, _ in configs}
+    for i in range(args.rounds):
+        cache = str(work / f"cache-{i}")  # align-cold starts from an empty cache every round
+        for name, kind in configs:
+            print(f"round {i + 1}/{args.rounds}: running {name} ...", file=sys.stderr, flush=True)
+            runs[name].append(run_child(kind, model_path, s, cache, args.threads))
+        assert runs["align-cold"][-1].get("cache_hits") == [], runs["align-cold"][-1]
+        assert runs["align-warm"][-1].get("cache_hits") == ["train"], runs["align-warm"][-1]
+    # Each round runs the four back to back, so a round's ratios are the least touched by load from other
+    # work that comes and goes between rounds: the speed columns are the medians of the per-round ratios.
     results = {}
-    for name, kind in (("trl", "trl"), ("align-cold", "align"), ("align-warm", "align")):
-        print(f"running {name} ...", file=sys.stderr, flush=True)
-        results[name] = run_child(kind, model_path, s, cache)
-    assert results["align-warm"].get("cache_hits") == ["train"], results["align-warm"]
+    for name, rs in runs.items():
+        secs = [r["seconds"] for r in rs]
+        results[name] = {
+            "seconds": statistics.median(secs), "all_seconds": secs,
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
+            "speed_vs_trl": [a["seconds"] / r["seconds"] for a, r in zip(runs["trl"], rs)],
+            "speed_vs_trl_precompute": [a["seconds"] / r["seconds"] for a, r in zip(runs["trl-precompute"], rs)],
+        }
 
     print(f"\nDPO, model {args.model}, {args.pairs} pairs, batch {args.batch_size}, {args.epochs} epoch(s), "
-          f"{tokens} tokens, full fine-tuning, CPU threads {os.cpu_count()}")
-    print(f"{'run':<12}{'seconds':>10}{'tokens/s':>12}{'peak RSS MB':>14}{'speed vs TRL':>14}{'RSS vs TRL':>12}")
-    base = results["trl"]
+          f"{tokens} tokens, full fine-tuning, {os.cpu_count()} CPU cores, {args.threads} torch thread(s) per run, "
+          f"{args.rounds} round(s)"
+          + (" (median seconds, largest peak RSS, median of per-round speed ratios)" if args.rounds > 1 else ""))
+    print(f"{'run':<16}{'seconds':>9}{'tokens/s':>10}{'peak RSS MB':>13}"
+          f"{'speed vs trl':>14}{'vs trl-precompute':>19}{'RSS vs trl':>12}{'vs trl-precompute':>19}")
+    base, best = results["trl"], results["trl-precompute"]
     for name, r in results.items():
-        print(f"{name:<12}{r['seconds']:>10.1f}{tokens / r['seconds']:>12.0f}{r['peak_rss_mb']:>14.0f}"
-              f"{base['seconds'] / r['seconds']:>13.2f}x{r['peak_rss_mb'] / base['peak_rss_mb']:>11.2f}x")
+        print(f"{name:<16}{r['seconds']:>9.1f}{tokens / r['seconds']:>10.0f}{r['peak_rss_mb']:>13.0f}"
+              f"{statistics.median(r['speed_vs_trl']):>13.2f}x{statistics.median(r['speed_vs_trl_precompute']):>18.2f}x"
+              f"{r['peak_rss_mb'] / base['peak_rss_mb']:>11.2f}x{r['peak_rss_mb'] / best['peak_rss_mb']:>18.2f}x")
+    if args.rounds > 1:
+        for name, r in results.items():
+            print(f"  {name:<16} seconds per round {' '.join(f'{x:.1f}' for x in r['all_seconds'])}; speed vs trl "
+                  f"{' '.join(f'{x:.2f}' for x in r['speed_vs_trl'])}; vs trl-precompute "
+                  f"{' '.join(f'{x:.2f}' for x in r['speed_vs_trl_precompute'])}")
+    print(json.dumps({"tokens": tokens, **results}))
 
 
 if __name__ == "__main__":
