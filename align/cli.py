@@ -24,6 +24,7 @@ EPILOG = """examples:
   align demo                                 the real-model demo on CPU
   align rollouts --model tiny --prompts recipes/data/tiny_prompts.jsonl --n 4 --out r.jsonl
   align label serve --db labels.sqlite       the preference labeling app
+  align data check prefs.jsonl --against eval.jsonl   duplicates, contamination, empty answers
 """
 
 
@@ -82,6 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default="runs/demo", help="where the run goes (default runs/demo)")
     demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, as for `align run`")
 
+    add_eval_parser(sub)
+
+    from align.data_check import add_parser as add_data_parser
+    from align.rollouts.cli import add_parser as add_rollouts_parser
+    from labeling_app.cli import add_parser as add_label_parser
+
+    for add_parser in (add_rollouts_parser, add_label_parser, add_data_parser):
+        add_parser(sub)
+    return p
+
+
+def add_eval_parser(sub) -> None:
     ev = sub.add_parser(
         "eval", help="compare a policy with a baseline: reward, win rate, KL, lengths",
         description="Both models answer each prompt greedily; the reward model scores both answers. Prints mean "
@@ -99,13 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0, help="sampling seed for the KL estimate (default 0)")
     ev.add_argument("--out", help="write the numbers as JSON here")
     ev.add_argument("--samples", help="write every prompt, both answers and their rewards as JSONL here")
-
-    from align.rollouts.cli import add_parser as add_rollouts_parser
-    from labeling_app.cli import add_parser as add_label_parser
-
-    add_rollouts_parser(sub)
-    add_label_parser(sub)
-    return p
+    ev.add_argument("--forgetting-data", metavar="FILE",
+                    help="general text (.txt paragraphs, or JSONL {\"text\"}): its perplexity under the policy and "
+                         "the baseline, to see what training forgot")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
             from labeling_app.cli import run as run_label
 
             return run_label(args)
+        if args.command == "data":
+            from align.data_check import run as run_data
+
+            return run_data(args)
     except AlignError as e:
         from align.distributed import rank, world_size
 

@@ -79,6 +79,8 @@ class PolicyStage(TrainStage):
     """A stage that trains and saves a causal LM (every type but reward, whose model is always saved merged)."""
 
     merge_lora: bool = False  # save base+adapter merged instead of the adapter alone
+    # general text (.txt, or JSONL {"text"}): its perplexity under the starting and the trained model, to see forgetting
+    forgetting_data: str | None = None
 
 
 @dataclass
@@ -248,8 +250,9 @@ def load_recipe(path: str | Path, overrides: list[str] = (), *, stage_types: dic
     recipe = recipe_from_dict(raw, stage_types=stage_types, source=str(path), from_cli=from_cli,
                               default_name=path.stem)
     for stage in recipe.stages.values():
-        for key in ("data", "eval_data", "model"):
-            setattr(stage, key, _beside(getattr(stage, key), path.parent))
+        for key in ("data", "eval_data", "model", "forgetting_data"):
+            if hasattr(stage, key):
+                setattr(stage, key, _beside(getattr(stage, key), path.parent))
     return recipe
 
 

@@ -43,6 +43,8 @@ DEMO_OVERRIDES = [
     "stages.dpo.ref_cache=false",
     # Greedy answers before and after DPO are the slow part of the evaluation on CPU.
     "stages.dpo.eval_prompts=12",
+    # Forgetting: perplexity of general text (shipped with the recipes) under the SFT model and after DPO.
+    "stages.dpo.forgetting_data=data/general_text.txt",
 ]
 
 
@@ -71,6 +73,8 @@ def run_demo(output_dir: str, overrides: Sequence[str] = ()) -> int:
         (f"mean reward of greedy answers on {dpo['eval_prompts']} held-out prompts: "
          f"{dpo['eval_reward_before']:.2f} -> {dpo['eval_reward_after']:.2f}; win rate {dpo['eval_win_rate']:.2f}"),
         f"mean answer length: {dpo['eval_len_before']:.1f} -> {dpo['eval_len_after']:.1f} words",
+        (f"general-text perplexity (forgetting, {dpo['forgetting_texts']} paragraphs): "
+         f"{dpo['forgetting_ppl_before']:.2f} -> {dpo['forgetting_ppl_after']:.2f}"),
     ]
     report = Path(output_dir) / "report.md"
     write_text(report, report.read_text() + "\n## Demo: before / after DPO\n\n" + "\n".join(table)

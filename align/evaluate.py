@@ -20,6 +20,7 @@ import torch
 from align.artifacts import write_json, write_text
 from align.data import unique_prompts, load_rows
 from align.errors import AlignError
+from align.forgetting import perplexity, read_texts
 from align.generate import greedy_completions
 from align.models import load_model, load_tokenizer, resolve_model
 from align.rollouts import Sampling, make_engine
@@ -92,8 +93,13 @@ def evaluate(policy_spec: str, baseline_spec: str, reward_spec: str, prompts_pat
 
 
 def run_eval(args) -> int:
+    texts = read_texts(args.forgetting_data, "--forgetting-data") if args.forgetting_data else None
     report, samples = evaluate(args.policy, args.baseline, args.reward_model, args.prompts, args.max_prompts,
                                args.max_new_tokens, args.seed)
+    if texts:
+        for who, spec in (("policy", args.policy), ("baseline", args.baseline)):
+            path = resolve_model(spec)
+            report[f"forgetting_ppl_{who}"] = perplexity(load_model(path), load_tokenizer(path), texts)
     if args.out:
         write_json(args.out, report)
     if args.samples:
@@ -105,4 +111,7 @@ def run_eval(args) -> int:
           f"KL(policy||base)   {kl}  (nats per answer)\n"
           f"answer length      policy {report['words_policy']:.1f} words / {report['tokens_policy']:.1f} tokens   "
           f"baseline {report['words_baseline']:.1f} / {report['tokens_baseline']:.1f}")
+    if texts:
+        print(f"general-text ppl   policy {report['forgetting_ppl_policy']:.3f}   "
+              f"baseline {report['forgetting_ppl_baseline']:.3f}  ({len(texts)} texts; higher: more forgotten)")
     return 0

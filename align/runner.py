@@ -19,6 +19,7 @@ from align.config import STAGE_REF, Recipe, config_dict
 from align.console import capture_stage_output
 from align.data import fingerprint
 from align.errors import AlignError
+from align.forgetting import forgetting_report
 from align.models import TINY_DEFAULTS, resolve_model, weights_fingerprint
 from align.report import summary_line, write_report
 from align.stages import STAGES, check_recipe
@@ -156,6 +157,9 @@ def run_stage(recipe: Recipe, name: str) -> dict:
         manifest.update(status="failed", error=f"{where}{e.__class__.__name__}: {e}"[:500], ended_at=now())
         write_json(manifest_path, manifest, any_rank=True)
         raise
+    if getattr(stage, "forgetting_data", None):  # rank 0 loads both models; the others wait for its numbers
+        metrics.update(distributed.decide(lambda: forgetting_report(model_path, str(out_dir / "model"),
+                                                                    stage.forgetting_data, stage.max_length)))
     manifest["peak_memory_mb_per_rank"] = distributed.gather(peak_memory_mb())
     manifest["tokens_per_s"] = metrics.get("tokens_per_s")  # every rank's tokens (TRL gathers them; PPO sums them)
     metrics.setdefault("world_size", distributed.world_size())

@@ -177,11 +177,13 @@ def test_align_eval_judges_the_ppo_policy_against_sft(pipeline, tmp_path, python
     out, _ = pipeline
     prompts = str(REPO / "recipes" / "data" / "tiny_prompts.jsonl")
 
+    general = str(REPO / "recipes" / "data" / "general_text.txt")
+
     def align_eval(policy, name):
         r = subprocess.run([python, "-m", "align", "eval", "--policy", str(out / policy / "model"), "--baseline",
                             str(out / "sft" / "model"), "--reward-model", str(out / "reward" / "model"),
-                            "--prompts", prompts, "--max-prompts", "24", "--out", str(tmp_path / name)],
-                           capture_output=True, text=True, check=False)
+                            "--prompts", prompts, "--max-prompts", "24", "--out", str(tmp_path / name),
+                            "--forgetting-data", general], capture_output=True, text=True, check=False)
         assert r.returncode == 0, r.stderr[-2000:]
         assert "win rate" in r.stdout
         return json.loads((tmp_path / name).read_text())
@@ -190,8 +192,10 @@ def test_align_eval_judges_the_ppo_policy_against_sft(pipeline, tmp_path, python
     assert ppo["prompts"] == 24
     assert ppo["win_rate"] >= 0.8 and ppo["reward_policy"] > ppo["reward_baseline"] + 1.0
     assert ppo["kl"] > 0.1 and ppo["words_policy"] < ppo["words_baseline"]
+    assert ppo["forgetting_ppl_policy"] > 1 and ppo["forgetting_ppl_policy"] != ppo["forgetting_ppl_baseline"]
     same = align_eval("sft", "same.json")  # a model against itself: all ties, no divergence
     assert same["win_rate"] == 0.5 and same["kl"] == pytest.approx(0.0, abs=1e-4)
+    assert same["forgetting_ppl_policy"] == pytest.approx(same["forgetting_ppl_baseline"], rel=1e-6)
 
 
 def test_shared_value_head_learns_without_a_second_model(pipeline, tmp_path):

@@ -13,6 +13,7 @@ from pathlib import Path
 from align.config import STAGE_REF, Recipe
 from align.data import load_rows
 from align.errors import AlignError
+from align.forgetting import read_texts
 from align.models import quantization_unavailable
 
 
@@ -40,6 +41,8 @@ def check_stage(recipe: Recipe, name: str, processes: int | None = None) -> int:
                          "training processes: each samples an equal share of every step's prompts")
     check_quantization(stage, key)
     check_sharding(stage, key)
+    if getattr(stage, "forgetting_data", None):
+        read_texts(stage.forgetting_data, f"{key}.forgetting_data")
     return rows
 
 
