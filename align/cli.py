@@ -112,6 +112,10 @@ def add_eval_parser(sub) -> None:
     ev.add_argument("--seed", type=int, default=0, help="sampling seed for the KL estimate (default 0)")
     ev.add_argument("--out", help="write the numbers as JSON here")
     ev.add_argument("--samples", help="write every prompt, both answers and their rewards as JSONL here")
+    ev.add_argument("--judge", metavar="FOLDER", help="an independent judge: a second reward model, not the one "
+                                                       "the policy was trained against")
+    ev.add_argument("--judge-fn", metavar="MODULE:FUNCTION",
+                    help="an independent judge function, e.g. align.judges:sentiment or align.judges:well_formed")
     ev.add_argument("--forgetting-data", metavar="FILE",
                     help="general text (.txt paragraphs, or JSONL {\"text\"}): its perplexity under the policy and "
                          "the baseline, to see what training forgot")

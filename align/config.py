@@ -113,6 +113,10 @@ class PolicyEval:
     reward_model: str | None = None  # ${stage}; default: the latest earlier reward stage, if any
     eval_prompts: int = 32  # held-out prompts whose greedy completions are scored
     max_new_tokens: int = 64
+    # An independent judge of the same answers (not optimised against): a second reward model's folder, and/or
+    # a Python function `module:function(prompts, completions) -> list[float]` such as align.judges:sentiment
+    judge: str | None = None
+    judge_fn: str | None = None
 
 
 @dataclass
@@ -250,7 +254,7 @@ def load_recipe(path: str | Path, overrides: list[str] = (), *, stage_types: dic
     recipe = recipe_from_dict(raw, stage_types=stage_types, source=str(path), from_cli=from_cli,
                               default_name=path.stem)
     for stage in recipe.stages.values():
-        for key in ("data", "eval_data", "model", "forgetting_data"):
+        for key in ("data", "eval_data", "model", "forgetting_data", "judge"):
             if hasattr(stage, key):
                 setattr(stage, key, _beside(getattr(stage, key), path.parent))
     return recipe

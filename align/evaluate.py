@@ -21,6 +21,8 @@ from align.artifacts import write_json, write_text
 from align.data import unique_prompts, load_rows
 from align.errors import AlignError
 from align.forgetting import perplexity, read_texts
+from align.stages.online import load_reward_fn
+from align.hacking import answer_nll, bootstrap_ci, distinct_n, lc_win_rate, repetition_rate, verdict
 from align.generate import greedy_completions
 from align.models import load_model, load_tokenizer, resolve_model
 from align.rollouts import Sampling, make_engine
@@ -47,7 +49,8 @@ def sequence_kl(policy, baseline, tokenizer, prompts: list, max_new_tokens: int,
 
 
 def evaluate(policy_spec: str, baseline_spec: str, reward_spec: str, prompts_path: str, max_prompts: int = 64,
-             max_new_tokens: int = 64, seed: int = 0) -> tuple[dict, list[dict]]:
+             max_new_tokens: int = 64, seed: int = 0, judge: str | None = None,
+             judge_fn=None) -> tuple[dict, list[dict]]:
     from reward.score import RewardScorer
 
     prompts = unique_prompts(load_rows(prompts_path, "prompts").rows, max_prompts)
@@ -86,16 +89,48 @@ def evaluate(policy_spec: str, baseline_spec: str, reward_spec: str, prompts_pat
         "tokens_baseline": tokens("baseline"),
         "policy": policy_spec, "baseline": baseline_spec, "reward_model": reward_spec,
     }
+    report.update(signals(prompts, texts, models["baseline"], tokenizers["baseline"], wins, judge, judge_fn))
     samples = [{"prompt": p, "policy": a, "baseline": b, "reward_policy": ra, "reward_baseline": rb}
                for p, a, b, ra, rb in zip(prompts, texts["policy"], texts["baseline"], rewards["policy"],
                                           rewards["baseline"])]
     return report, samples
 
 
+def signals(prompts, texts: dict, reference, ref_tokenizer, wins: list[float], judge: str | None, judge_fn) -> dict:
+    """What tells a real gain from a hacked one (align.hacking), the baseline taken as the reference: the win
+    rate's bootstrap interval, the length-controlled win rate, the judge's reward, the baseline's NLL of each
+    side's answers, distinct-2 and repetition; then the verdict, read as baseline = before, policy = after."""
+    words = {k: [len(t.split()) for t in v] for k, v in texts.items()}
+    out = {"win_rate_ci": bootstrap_ci(wins), "lc_win_rate": lc_win_rate(wins, words["policy"], words["baseline"])}
+    judges = []
+    if judge:
+        from reward.score import RewardScorer
+
+        judges.append(RewardScorer(resolve_model(judge)).score)
+    if judge_fn:
+        judges.append(judge_fn)
+    for side in ("policy", "baseline"):
+        out[f"distinct2_{side}"] = distinct_n(texts[side])
+        out[f"repetition_{side}"] = repetition_rate(texts[side])
+        out[f"ref_nll_{side}"] = answer_nll(reference, ref_tokenizer, prompts, texts[side])
+        if judges:
+            out[f"judge_reward_{side}"] = sum(statistics.fmean(j(prompts, texts[side])) for j in judges)
+    return out
+
+
+def verdict_of(report: dict) -> tuple[bool, list[str]]:
+    named = {f"eval_{key}_{when}": report.get(f"{key}_{side}") for key in ("reward", "judge_reward", "ref_nll",
+                                                                           "distinct2")
+             for when, side in (("before", "baseline"), ("after", "policy"))}
+    return verdict(named)
+
+
 def run_eval(args) -> int:
     texts = read_texts(args.forgetting_data, "--forgetting-data") if args.forgetting_data else None
+    judge_fn = load_reward_fn(args.judge_fn, "eval", key="--judge-fn") if args.judge_fn else None
     report, samples = evaluate(args.policy, args.baseline, args.reward_model, args.prompts, args.max_prompts,
-                               args.max_new_tokens, args.seed)
+                               args.max_new_tokens, args.seed, judge=args.judge, judge_fn=judge_fn)
+    report["hacking_suspected"], report["hacking_reasons"] = verdict_of(report)
     if texts:
         for who, spec in (("policy", args.policy), ("baseline", args.baseline)):
             path = resolve_model(spec)
@@ -111,6 +146,16 @@ def run_eval(args) -> int:
           f"KL(policy||base)   {kl}  (nats per answer)\n"
           f"answer length      policy {report['words_policy']:.1f} words / {report['tokens_policy']:.1f} tokens   "
           f"baseline {report['words_baseline']:.1f} / {report['tokens_baseline']:.1f}")
+    lo, hi = report["win_rate_ci"]
+    print(f"win rate 95% CI    {lo:.3f} - {hi:.3f}   length-controlled {report['lc_win_rate']:.3f}\n"
+          f"ref NLL (nats/tok) policy {report['ref_nll_policy']:.3f}   baseline {report['ref_nll_baseline']:.3f}  "
+          f"(under the baseline)\n"
+          f"distinct-2         policy {report['distinct2_policy'] or 0:.3f}   "
+          f"baseline {report['distinct2_baseline'] or 0:.3f}")
+    if "judge_reward_policy" in report:
+        print(f"judge reward       policy {report['judge_reward_policy']:.3f}   "
+              f"baseline {report['judge_reward_baseline']:.3f}")
+    print("hacking suspected: " + ("; ".join(report["hacking_reasons"]) if report["hacking_suspected"] else "no"))
     if texts:
         print(f"general-text ppl   policy {report['forgetting_ppl_policy']:.3f}   "
               f"baseline {report['forgetting_ppl_baseline']:.3f}  ({len(texts)} texts; higher: more forgotten)")

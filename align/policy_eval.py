@@ -15,6 +15,7 @@ from pathlib import Path
 
 from align.artifacts import read_json, write_json, write_text
 from align.distributed import decide
+from align.hacking import answer_nll, bootstrap_ci, distinct_n, lc_win_rate, repetition_rate, verdict
 from align.generate import greedy_completions
 
 log = logging.getLogger("align")
@@ -41,6 +42,7 @@ def reward_report(reward_path: str, prompts: list, before: list[str], after: lis
     r_before = scorer.score(prompts, before)
     r_after = scorer.score(prompts, after)
     wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(r_after, r_before)]
+    len_before, len_after = [len(b.split()) for b in before], [len(a.split()) for a in after]
     rows = [{"prompt": p, "before": b, "after": a, "reward_before": rb, "reward_after": ra}
             for p, b, a, rb, ra in zip(prompts, before, after, r_before, r_after)]
     write_text(out_dir / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
@@ -49,8 +51,10 @@ def reward_report(reward_path: str, prompts: list, before: list[str], after: lis
         "eval_reward_before": sum(r_before) / n,
         "eval_reward_after": sum(r_after) / n,
         "eval_win_rate": sum(wins) / n,
-        "eval_len_before": sum(len(b.split()) for b in before) / n,
-        "eval_len_after": sum(len(a.split()) for a in after) / n,
+        "eval_win_rate_ci": bootstrap_ci(wins),
+        "eval_lc_win_rate": lc_win_rate(wins, len_after, len_before),
+        "eval_len_before": sum(len_before) / n,
+        "eval_len_after": sum(len_after) / n,
         "eval_prompts": n,
     }
 
@@ -67,12 +71,18 @@ class BeforeAfter:
     reward model (`scorer`: one the stage already holds) and, when given, by `reward_fn`."""
 
     def __init__(self, stage, name: str, held_rows: list[dict], out_dir: Path, reward_path: str | None,
-                 scorer=None, reward_fn=None):
+                 scorer=None, reward_fn=None, start_path: str | None = None):
         from align.data import unique_prompts
 
         self.prompts = unique_prompts(held_rows, stage.eval_prompts)
         self.max_new_tokens = stage.max_new_tokens
         self.out_dir, self.reward_path, self.scorer, self.reward_fn = out_dir, reward_path, scorer, reward_fn
+        self.start_path = start_path  # the model the stage started from: the reference of `eval_ref_nll_*`
+        self.judge, self.judge_fn = getattr(stage, "judge", None), getattr(stage, "judge_fn", None)
+        if self.judge_fn:
+            from align.stages.online import load_reward_fn
+
+            self.judge_fn = load_reward_fn(self.judge_fn, name, key=f"stages.{name}.judge_fn")
         self.active = bool(self.prompts) and (reward_path is not None or reward_fn is not None)
         self.before_texts: list[str] | None = None
         if not self.prompts and (reward_path or reward_fn):
@@ -95,7 +105,37 @@ class BeforeAfter:
         if self.reward_fn is not None:
             metrics["eval_reward_fn_before"] = mean_finite(self.reward_fn(self.prompts, self.before_texts))
             metrics["eval_reward_fn_after"] = mean_finite(self.reward_fn(self.prompts, after))
+        metrics.update(self.hacking_signals(after))
+        suspected, reasons = verdict(metrics)
+        metrics.update(hacking_suspected=suspected, hacking_reasons=reasons)
+        if suspected:
+            log.warning("hacking suspected: %s", "; ".join(reasons))
         return metrics
+
+    def hacking_signals(self, after: list[str]) -> dict:
+        """Judge reward, the reference's NLL of the answers, distinct-2, repetition and the verdict."""
+        before, out = self.before_texts, {}
+        for label, texts in (("before", before), ("after", after)):
+            out[f"eval_distinct2_{label}"] = distinct_n(texts, 2)
+            out[f"eval_repetition_{label}"] = repetition_rate(texts)
+        judges = []
+        if self.judge:
+            from reward.score import RewardScorer
+
+            judges.append(RewardScorer(self.judge).score)
+        if self.judge_fn:
+            judges.append(self.judge_fn)
+        for label, texts in (("before", before), ("after", after)):
+            if judges:  # a judge model and a judge function add up, as reward_fn does with the reward model
+                out[f"eval_judge_reward_{label}"] = sum(mean_finite(j(self.prompts, texts)) or 0.0 for j in judges)
+        if self.start_path:
+            from align.models import load_model, load_tokenizer
+
+            reference, tokenizer = load_model(self.start_path), load_tokenizer(self.start_path)
+            for label, texts in (("before", before), ("after", after)):
+                out[f"eval_ref_nll_{label}"] = answer_nll(reference, tokenizer, self.prompts, texts)
+            del reference
+        return out
 
     def held_out_rewards(self, model, tokenizer) -> tuple[dict, list[str]]:
         """Mean reward of the policy's greedy answers now (`eval_reward` from the reward model, `eval_reward_fn`),

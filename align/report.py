@@ -17,6 +17,8 @@ UNREAD = {"total_flos", "train_runtime", "train_samples_per_second", "train_step
 
 
 def _number(v) -> str:
+    if isinstance(v, list):
+        return "[" + ", ".join(_number(x) for x in v) + "]"
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
@@ -41,7 +43,10 @@ def headline(stage_type: str, metrics: dict) -> str:
 def summary_line(stage_type: str, metrics: dict) -> str:
     """What the runner prints when a stage ends: minutes and the headline numbers."""
     minutes = f"{metrics['seconds'] / 60:.1f} min" if isinstance(metrics.get("seconds"), (int, float)) else ""
-    return ", ".join(p for p in (minutes, headline(stage_type, metrics)) if p)
+    line = ", ".join(p for p in (minutes, headline(stage_type, metrics)) if p)
+    if metrics.get("hacking_suspected"):
+        line += "; HACKING SUSPECTED: " + "; ".join(metrics.get("hacking_reasons") or [])
+    return line
 
 
 def last_logged(stage_dir: Path, key: str):
@@ -86,7 +91,7 @@ def plot_stage(stage_dir: Path, stage_type: str) -> str | None:
 def write_report(recipe: Recipe) -> None:
     """`report.md`: the summary table, then one section per stage with its curves and final metrics."""
     table = ["| stage | type | status | results (before → after) | minutes |", "|---|---|---|---|---|"]
-    sections = []
+    sections, alarms = [], []
     for name in recipe.stages:
         d, stage_type = recipe.stage_dir(name), recipe.stages[name].type
         manifest = read_json(d / "manifest.json") or {}
@@ -94,6 +99,8 @@ def write_report(recipe: Recipe) -> None:
         if metrics and "kl_last" in STAGES[stage_type].headline and "kl_last" not in metrics:
             metrics["kl_last"] = last_logged(d, "kl")
         minutes = f"{metrics['seconds'] / 60:.1f}" if isinstance(metrics.get("seconds"), (int, float)) else ""
+        if metrics.get("hacking_suspected"):
+            alarms.append(f"> **Hacking suspected in {name}**: " + "; ".join(metrics.get("hacking_reasons") or []))
         table.append(f"| {name} | {stage_type} | {manifest.get('status', 'not run')} | "
                      f"{headline(stage_type, metrics) if metrics else ''} | {minutes} |")
 
@@ -108,5 +115,6 @@ def write_report(recipe: Recipe) -> None:
             sections += ["| metric | value |", "|---|---|"]
             sections += [f"| {k} | {_number(v)} |" for k, v in shown.items()]
             sections.append("")
-    lines = [f"# {recipe.name}", "", f"Output: `{recipe.output_dir}`", "", *table, "", *sections]
+    lines = [f"# {recipe.name}", "", *[line + "\n" for line in alarms], f"Output: `{recipe.output_dir}`", "", *table,
+             "", *sections]
     write_text(Path(recipe.output_dir) / "report.md", "\n".join(lines))

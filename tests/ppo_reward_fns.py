@@ -28,3 +28,8 @@ def killed_on_rank_1(prompts, completions):
     if os.environ.get("RANK") == "1":
         os.kill(os.getpid(), signal.SIGKILL)
     return [0.0] * len(completions)
+
+
+def sevens(prompts, completions):
+    """A reward anyone can fool: how many times '7' appears in the answer (up to 12)."""
+    return [min(12, c.count("7")) / 2 for c in completions]

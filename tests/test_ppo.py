@@ -48,6 +48,7 @@ def test_ppo_raises_the_held_out_reward_with_bounded_kl(pipeline):
     assert ppo["eval_win_rate"] >= 0.8
     assert ppo["train_reward_last"] > ppo["train_reward_first"]
     assert 0 < ppo["kl_last"] < 10
+    assert ppo["hacking_suspected"] is False  # measured: reference NLL 0.65 -> 1.37 nats/token, under NLL_RISE
     rows = log_rows(out)
     assert [r["step"] for r in rows] == list(range(1, 21))
     for key in STEP_KEYS:

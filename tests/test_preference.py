@@ -35,6 +35,11 @@ def test_dpo_learns_and_the_reward_model_sees_it(pipeline):
     assert dpo["eval_loss"] < dpo["eval_loss_before"]
     assert dpo["eval_reward_after"] > dpo["eval_reward_before"] + 1.0
     assert dpo["eval_win_rate"] >= 0.7
+    lo, hi = dpo["eval_win_rate_ci"]
+    assert lo <= dpo["eval_win_rate"] <= hi and 0 <= dpo["eval_lc_win_rate"] <= 1
+    # Dropping the filler is what the pairs ask: no sign of reward hacking (tests/test_hacking.py has one)
+    assert dpo["hacking_suspected"] is False and dpo["hacking_reasons"] == []
+    assert dpo["eval_ref_nll_after"] - dpo["eval_ref_nll_before"] < 1.0  # measured 0.34
     # The behaviour the pairs teach: the filler sentence disappears from greedy answers.
     samples = [json.loads(line) for line in (out / "dpo" / "samples.jsonl").read_text().splitlines()]
     with_filler = lambda key: sum("I hope this helps" in s[key] for s in samples)  # noqa: E731

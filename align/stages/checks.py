@@ -43,7 +43,19 @@ def check_stage(recipe: Recipe, name: str, processes: int | None = None) -> int:
     check_sharding(stage, key)
     if getattr(stage, "forgetting_data", None):
         read_texts(stage.forgetting_data, f"{key}.forgetting_data")
+    check_judge(stage, name, key)
     return rows
+
+
+def check_judge(stage, name: str, key: str) -> None:
+    """An independent judge (policy stages): a reward model folder, and/or an importable function."""
+    judge, judge_fn = getattr(stage, "judge", None), getattr(stage, "judge_fn", None)
+    if judge and not (Path(judge) / "config.json").is_file():
+        raise AlignError(f"{key}.judge: {judge}: expected a reward model folder (a reward stage's model/)")
+    if judge_fn:
+        from align.stages.online import load_reward_fn
+
+        load_reward_fn(judge_fn, name, key=f"{key}.judge_fn")
 
 
 def check_sharding(stage, key: str) -> None:

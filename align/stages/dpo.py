@@ -128,7 +128,7 @@ def run(stage: DPOStage, name: str, out_dir: Path, model_path: str, reward_path:
     log.info("%s: %d training pairs, %d held out", name, len(train), len(held))
 
     model = load_model(model_path, quantization=stage.quantization, gradient_checkpointing=stage.gradient_checkpointing)
-    report = BeforeAfter(stage, name, held, out_dir, reward_path)
+    report = BeforeAfter(stage, name, held, out_dir, reward_path, start_path=model_path)
     report.before(model, tokenizer)
     ref_key = None
     if stage.ref_cache:

@@ -103,7 +103,8 @@ def _run(stage, name: str, out_dir: Path, model_path: str, reward_path: str | No
         reward_funcs.append(CheckedReward(stage.reward_fn.rpartition(":")[2], user_fn))
 
     model = load_model(model_path)
-    report = BeforeAfter(stage, name, held, out_dir, reward_path, scorer=scorer, reward_fn=user_fn)
+    report = BeforeAfter(stage, name, held, out_dir, reward_path, scorer=scorer, reward_fn=user_fn,
+                         start_path=model_path)
     report.before(model, tokenizer)
     ref_model = reference_model(model, stage.lora) if stage.beta > 0 else None
     if stage.lora:

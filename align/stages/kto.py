@@ -49,7 +49,7 @@ def run(stage: KTOStage, name: str, out_dir: Path, model_path: str, reward_path:
     eval_ds = trainer_dataset(held, out_dir / "datasets" / "eval") if held else None
 
     model = load_model(model_path, quantization=stage.quantization, gradient_checkpointing=stage.gradient_checkpointing)
-    report = BeforeAfter(stage, name, held, out_dir, reward_path)
+    report = BeforeAfter(stage, name, held, out_dir, reward_path, start_path=model_path)
     report.before(model, tokenizer)
     ref_model = reference_model(model, stage.lora)
     if stage.lora:

@@ -14,9 +14,9 @@ from align.errors import AlignError
 log = logging.getLogger("align")
 
 
-def load_reward_fn(spec: str, name: str):
-    """`module:function` -> the function; any problem is one line naming the key."""
-    key = f"stages.{name}.reward_fn"
+def load_reward_fn(spec: str, name: str, key: str | None = None):
+    """`module:function` -> the function; any problem is one line naming the key (`stages.<name>.reward_fn`)."""
+    key = key or f"stages.{name}.reward_fn"
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise AlignError(f"{key}: expected module:function, such as my_rewards:brevity; got {spec!r}")

@@ -662,7 +662,7 @@ def run(stage: PPOStage, name: str, out_dir: Path, model_path: str, reward_path:
     log.info("%s: %d training prompts, %d held out", name, len(train), len(held_rows))
     policy = load_model(model_path, quantization=stage.quantization,
                         gradient_checkpointing=stage.gradient_checkpointing).to(device)
-    report = BeforeAfter(stage, name, held_rows, out_dir, reward_path)  # scored by the reward model alone
+    report = BeforeAfter(stage, name, held_rows, out_dir, reward_path, start_path=model_path)  # reward model alone
     report.before(policy, tokenizer)
     models = build_models(stage, name, policy, tokenizer, model_path, reward_path, reward_fn, out_dir, device)
     report.scorer = models.rewards.scorer
