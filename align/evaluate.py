@@ -21,10 +21,10 @@ from align.artifacts import write_json, write_text
 from align.data import unique_prompts, load_rows
 from align.errors import AlignError
 from align.forgetting import perplexity, read_texts
-from align.stages.online import load_reward_fn
-from align.hacking import answer_nll, bootstrap_ci, distinct_n, lc_win_rate, repetition_rate, verdict
+from align.hacking import answer_signals, bootstrap_ci, lc_win_rate, verdict
 from align.generate import greedy_completions
 from align.models import load_model, load_tokenizer, resolve_model
+from align.policy_eval import make_judges
 from align.rollouts import Sampling, make_engine
 
 log = logging.getLogger("align")
@@ -49,8 +49,8 @@ def sequence_kl(policy, baseline, tokenizer, prompts: list, max_new_tokens: int,
 
 
 def evaluate(policy_spec: str, baseline_spec: str, reward_spec: str, prompts_path: str, max_prompts: int = 64,
-             max_new_tokens: int = 64, seed: int = 0, judge: str | None = None,
-             judge_fn=None) -> tuple[dict, list[dict]]:
+             max_new_tokens: int = 64, seed: int = 0, judges: list = (),
+             forgetting_texts: list[str] | None = None) -> tuple[dict, list[dict]]:
     from reward.score import RewardScorer
 
     prompts = unique_prompts(load_rows(prompts_path, "prompts").rows, max_prompts)
@@ -89,32 +89,24 @@ def evaluate(policy_spec: str, baseline_spec: str, reward_spec: str, prompts_pat
         "tokens_baseline": tokens("baseline"),
         "policy": policy_spec, "baseline": baseline_spec, "reward_model": reward_spec,
     }
-    report.update(signals(prompts, texts, models["baseline"], tokenizers["baseline"], wins, judge, judge_fn))
+    report.update(signals(prompts, texts, models["baseline"], tokenizers["baseline"], wins, judges))
+    for name in paths if forgetting_texts else ():  # the models already loaded, on general text
+        report[f"forgetting_ppl_{name}"] = perplexity(models[name], tokenizers[name], forgetting_texts)
     samples = [{"prompt": p, "policy": a, "baseline": b, "reward_policy": ra, "reward_baseline": rb}
                for p, a, b, ra, rb in zip(prompts, texts["policy"], texts["baseline"], rewards["policy"],
                                           rewards["baseline"])]
     return report, samples
 
 
-def signals(prompts, texts: dict, reference, ref_tokenizer, wins: list[float], judge: str | None, judge_fn) -> dict:
+def signals(prompts, texts: dict, reference, ref_tokenizer, wins: list[float], judges: list) -> dict:
     """What tells a real gain from a hacked one (align.hacking), the baseline taken as the reference: the win
-    rate's bootstrap interval, the length-controlled win rate, the judge's reward, the baseline's NLL of each
-    side's answers, distinct-2 and repetition; then the verdict, read as baseline = before, policy = after."""
+    rate's bootstrap interval, the length-controlled win rate, and per side the judges' reward, the baseline's
+    NLL of the answers, distinct-2 and repetition; the verdict reads baseline = before, policy = after."""
     words = {k: [len(t.split()) for t in v] for k, v in texts.items()}
     out = {"win_rate_ci": bootstrap_ci(wins), "lc_win_rate": lc_win_rate(wins, words["policy"], words["baseline"])}
-    judges = []
-    if judge:
-        from reward.score import RewardScorer
-
-        judges.append(RewardScorer(resolve_model(judge)).score)
-    if judge_fn:
-        judges.append(judge_fn)
     for side in ("policy", "baseline"):
-        out[f"distinct2_{side}"] = distinct_n(texts[side])
-        out[f"repetition_{side}"] = repetition_rate(texts[side])
-        out[f"ref_nll_{side}"] = answer_nll(reference, ref_tokenizer, prompts, texts[side])
-        if judges:
-            out[f"judge_reward_{side}"] = sum(statistics.fmean(j(prompts, texts[side])) for j in judges)
+        for key, value in answer_signals(prompts, texts[side], reference, ref_tokenizer, judges).items():
+            out[f"{key}_{side}"] = value
     return out
 
 
@@ -127,14 +119,10 @@ def verdict_of(report: dict) -> tuple[bool, list[str]]:
 
 def run_eval(args) -> int:
     texts = read_texts(args.forgetting_data, "--forgetting-data") if args.forgetting_data else None
-    judge_fn = load_reward_fn(args.judge_fn, "eval", key="--judge-fn") if args.judge_fn else None
+    judges = make_judges(resolve_model(args.judge) if args.judge else None, args.judge_fn, "--judge-fn")
     report, samples = evaluate(args.policy, args.baseline, args.reward_model, args.prompts, args.max_prompts,
-                               args.max_new_tokens, args.seed, judge=args.judge, judge_fn=judge_fn)
+                               args.max_new_tokens, args.seed, judges=judges, forgetting_texts=texts)
     report["hacking_suspected"], report["hacking_reasons"] = verdict_of(report)
-    if texts:
-        for who, spec in (("policy", args.policy), ("baseline", args.baseline)):
-            path = resolve_model(spec)
-            report[f"forgetting_ppl_{who}"] = perplexity(load_model(path), load_tokenizer(path), texts)
     if args.out:
         write_json(args.out, report)
     if args.samples:

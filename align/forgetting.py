@@ -47,30 +47,12 @@ def read_texts(path: str, key: str = "forgetting_data") -> list[str]:
 def perplexity(model, tokenizer, texts: list[str], max_length: int = 256, batch_size: int = 8) -> float:
     """exp of the mean negative log-likelihood per predicted token over all `texts` (each cut at
     `max_length` tokens; every token after the first is predicted)."""
-    import torch
+    from align.sequences import continuation_nll
 
-    device = next(model.parameters()).device
-    total_nll, total_tokens = 0.0, 0
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for i in range(0, len(texts), batch_size):
-            ids = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_length] for t in texts[i:i + batch_size]]
-            ids = [x for x in ids if len(x) >= 2]
-            if not ids:
-                continue
-            width = max(len(x) for x in ids)
-            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-            input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=device)
-            mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=device)
-            logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
-            logps = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-            predicted = mask[:, 1:].float()
-            total_nll -= (logps * predicted).sum().item()
-            total_tokens += int(predicted.sum().item())
-    if was_training:
-        model.train()
-    return math.exp(total_nll / total_tokens) if total_tokens else float("nan")
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_length] for t in texts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    nll, count = continuation_nll(model, [(x[:1], x[1:]) for x in ids], pad, batch_size)
+    return math.exp(nll / count) if count else float("nan")
 
 
 def forgetting_report(start_path: str, trained_path: str, data: str, max_length: int) -> dict:

@@ -89,34 +89,31 @@ def lc_win_rate(outcomes: list[float], len_policy: list[float], len_baseline: li
 
 def answer_nll(model, tokenizer, prompts: list, answers: list[str], batch_size: int = 8) -> float | None:
     """Mean per-token NLL (nats) of `answers` given their prompts (chat template) under `model`."""
-    import torch
-
     from align.rollouts import render_prompt
+    from align.sequences import continuation_nll
 
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    model.eval()
-    with torch.no_grad():
-        for i in range(0, len(prompts), batch_size):
-            rows = []
-            for prompt, answer in zip(prompts[i:i + batch_size], answers[i:i + batch_size]):
-                p_ids = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
-                a_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
-                if a_ids:
-                    rows.append((p_ids, a_ids))
-            if not rows:
-                continue
-            width = max(len(p) + len(a) for p, a in rows)
-            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-            ids = torch.tensor([p + a + [pad] * (width - len(p) - len(a)) for p, a in rows], device=device)
-            mask = torch.tensor([[1] * (len(p) + len(a)) + [0] * (width - len(p) - len(a)) for p, a in rows],
-                                device=device)
-            logps = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
-            token = logps.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-            for r, (p, a) in enumerate(rows):  # answer tokens are predicted from positions len(p)-1 ...
-                total -= token[r, len(p) - 1:len(p) - 1 + len(a)].sum().item()
-                count += len(a)
-    return total / count if count else None
+    rows = [(tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"],
+             tokenizer(a, add_special_tokens=False)["input_ids"]) for p, a in zip(prompts, answers)]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    nll, count = continuation_nll(model, rows, pad, batch_size)
+    return nll / count if count else None
+
+
+def answer_signals(prompts: list, texts: list[str], reference=None, ref_tokenizer=None, judges=()) -> dict:
+    """One side's signals: `distinct2`, `repetition`, `ref_nll` (with a reference model) and `judge_reward`
+    (with judges: functions `f(prompts, completions) -> list[float]` whose mean scores add up)."""
+    out = {"distinct2": distinct_n(texts), "repetition": repetition_rate(texts)}
+    if reference is not None:
+        out["ref_nll"] = answer_nll(reference, ref_tokenizer, prompts, texts)
+    if judges:
+        out["judge_reward"] = sum(mean_finite(j(prompts, texts)) or 0.0 for j in judges)
+    return out
+
+
+def mean_finite(values) -> float | None:
+    """The mean of the finite values (None and NaN left out); None when there is none."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return sum(finite) / len(finite) if finite else None
 
 
 def verdict(m: dict) -> tuple[bool, list[str]]:

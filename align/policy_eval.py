@@ -15,7 +15,7 @@ from pathlib import Path
 
 from align.artifacts import read_json, write_json, write_text
 from align.distributed import decide
-from align.hacking import answer_nll, bootstrap_ci, distinct_n, lc_win_rate, repetition_rate, verdict
+from align.hacking import answer_signals, bootstrap_ci, lc_win_rate, mean_finite, verdict
 from align.generate import greedy_completions
 
 log = logging.getLogger("align")
@@ -78,11 +78,8 @@ class BeforeAfter:
         self.max_new_tokens = stage.max_new_tokens
         self.out_dir, self.reward_path, self.scorer, self.reward_fn = out_dir, reward_path, scorer, reward_fn
         self.start_path = start_path  # the model the stage started from: the reference of `eval_ref_nll_*`
-        self.judge, self.judge_fn = getattr(stage, "judge", None), getattr(stage, "judge_fn", None)
-        if self.judge_fn:
-            from align.stages.online import load_reward_fn
-
-            self.judge_fn = load_reward_fn(self.judge_fn, name, key=f"stages.{name}.judge_fn")
+        self.judges = make_judges(getattr(stage, "judge", None), getattr(stage, "judge_fn", None),
+                                  f"stages.{name}.judge_fn")
         self.active = bool(self.prompts) and (reward_path is not None or reward_fn is not None)
         self.before_texts: list[str] | None = None
         if not self.prompts and (reward_path or reward_fn):
@@ -113,29 +110,15 @@ class BeforeAfter:
         return metrics
 
     def hacking_signals(self, after: list[str]) -> dict:
-        """Judge reward, the reference's NLL of the answers, distinct-2, repetition and the verdict."""
-        before, out = self.before_texts, {}
-        for label, texts in (("before", before), ("after", after)):
-            out[f"eval_distinct2_{label}"] = distinct_n(texts, 2)
-            out[f"eval_repetition_{label}"] = repetition_rate(texts)
-        judges = []
-        if self.judge:
-            from reward.score import RewardScorer
-
-            judges.append(RewardScorer(self.judge).score)
-        if self.judge_fn:
-            judges.append(self.judge_fn)
-        for label, texts in (("before", before), ("after", after)):
-            if judges:  # a judge model and a judge function add up, as reward_fn does with the reward model
-                out[f"eval_judge_reward_{label}"] = sum(mean_finite(j(self.prompts, texts)) or 0.0 for j in judges)
+        """Judge reward, the starting model's NLL of the answers, distinct-2 and repetition, before and after."""
+        reference = tokenizer = None
         if self.start_path:
             from align.models import load_model, load_tokenizer
 
             reference, tokenizer = load_model(self.start_path), load_tokenizer(self.start_path)
-            for label, texts in (("before", before), ("after", after)):
-                out[f"eval_ref_nll_{label}"] = answer_nll(reference, tokenizer, self.prompts, texts)
-            del reference
-        return out
+        return {f"eval_{key}_{label}": value
+                for label, texts in (("before", self.before_texts), ("after", after))
+                for key, value in answer_signals(self.prompts, texts, reference, tokenizer, self.judges).items()}
 
     def held_out_rewards(self, model, tokenizer) -> tuple[dict, list[str]]:
         """Mean reward of the policy's greedy answers now (`eval_reward` from the reward model, `eval_reward_fn`),
@@ -152,6 +135,21 @@ class BeforeAfter:
         return out, texts
 
 
+def make_judges(judge: str | None, judge_fn: str | None, fn_key: str) -> list:
+    """The independent judges as functions `f(prompts, completions) -> list[float]`: a reward model folder's
+    scorer and/or a `module:function` (`fn_key` names it in errors)."""
+    judges = []
+    if judge:
+        from reward.score import RewardScorer
+
+        judges.append(RewardScorer(judge).score)
+    if judge_fn:
+        from align.stages.online import load_reward_fn
+
+        judges.append(load_reward_fn(judge_fn, "", key=fn_key))
+    return judges
+
+
 def periodic_eval_callback(report: BeforeAfter, tokenizer, step_log, every: int):
     """A TRL/transformers callback adding `held_out_rewards` to `log.jsonl` every `every` optimizer steps
     (online stages over TRL, whose trainers have no held-out set of their own: `eval_steps`)."""
@@ -163,10 +161,3 @@ def periodic_eval_callback(report: BeforeAfter, tokenizer, step_log, every: int)
                 step_log.append({"step": state.global_step, **report.held_out_rewards(model, tokenizer)[0]})
 
     return PeriodicEval()
-
-
-def mean_finite(values) -> float | None:
-    import math
-
-    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    return sum(finite) / len(finite) if finite else None

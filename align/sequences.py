@@ -98,3 +98,28 @@ def completion_logits(model, input_ids, attention_mask, position_ids, T: int, te
 def token_logps(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log π(token) at each position: logits (B, T, V), tokens (B, T) -> (B, T)."""
     return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+@torch.no_grad()
+def continuation_nll(model, rows: list[tuple[list[int], list[int]]], pad_id: int,
+                     batch_size: int = 8) -> tuple[float, int]:
+    """(summed negative log-likelihood, token count) of each row's `target` ids given its `context` ids:
+    `rows` are (context, target) pairs, the context at least one token long; right-padded batches. Used for
+    general-text perplexity (context: the first token) and for a reference model's NLL of answers (context:
+    the rendered prompt). The model's train/eval mode is restored afterwards."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    rows = [(c, t) for c, t in rows if c and t]
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        ids, mask = right_pad([c + t for c, t in chunk], pad_id)
+        ids, mask = ids.to(device), mask.to(device)
+        logps = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
+        token = logps.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        for r, (context, target) in enumerate(chunk):  # target token j is predicted at position len(context)-1+j
+            total -= token[r, len(context) - 1:len(context) - 1 + len(target)].sum().item()
+            count += len(target)
+    model.train(was_training)
+    return total, count

@@ -652,7 +652,9 @@ def skip_batch(name: str, step: int, error: NonFiniteRewards, progress: Progress
 
 def run(stage: PPOStage, name: str, out_dir: Path, model_path: str, reward_path: str | None = None) -> dict:
     timer = Timer()
-    accelerator = start_processes(stage, name)
+    # Several ranks: an Accelerator wraps policy + value (DDP, FSDP2); what they need of the recipe (a
+    # rollout_batch_size they divide, no DeepSpeed) was checked before any stage ran (align.stages.checks).
+    accelerator = distributed.accelerator() if distributed.world_size() > 1 else None
     device = str(accelerator.device) if accelerator else "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(stage.seed)
     tokenizer = load_tokenizer(model_path)
@@ -692,30 +694,12 @@ def run(stage: PPOStage, name: str, out_dir: Path, model_path: str, reward_path:
     return metrics
 
 
-def start_processes(stage: PPOStage, name: str):
-    """None in one plain process; else the Accelerator that wraps policy + value (DDP, FSDP2), after checking
-    that every rank gets the same number of prompts per step (so all run the same number of updates)."""
-    from accelerate.utils import DistributedType
-
-    accelerator = distributed.accelerator() if distributed.world_size() > 1 else None
-    if accelerator is None:
-        return None
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise AlignError(f"{name}: PPO runs under DDP or FSDP2 (recipes/accelerate/multi_gpu.yaml, fsdp2.yaml); "
-                         "DeepSpeed configs serve the TRL stages (sft, reward, dpo, kto, grpo, rloo)")
-    world = distributed.world_size()
-    if stage.rollout_batch_size % world:
-        raise AlignError(f"{name}: rollout_batch_size {stage.rollout_batch_size} must be a multiple of the number of "
-                         f"processes ({world}): each rank samples an equal share of the prompts")
-    return accelerator
-
-
 def train_loop(stage: PPOStage, name: str, out_dir: Path, models: Models, report: BeforeAfter, train: list,
                total_steps: int, optimizer, scheduler, progress: Progress, records: StepRecords) -> list | None:
     """PPO steps from `progress.step` to `total_steps`; returns the last evaluation's greedy answers."""
     checkpoints = Checkpoints(out_dir, stage.save_total_limit)
-    nan_streak, after_texts, world, share = 0, None, distributed.world_size(), stage.rollout_batch_size
-    share //= world
+    nan_streak, after_texts, world = 0, None, distributed.world_size()
+    share = stage.rollout_batch_size // world  # prompts per rank and step
     bar = progress_bar(f"{name}: PPO steps", total_steps, initial=progress.step)
     for step in range(progress.step, total_steps):
         t0 = time.perf_counter()
