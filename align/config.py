@@ -50,7 +50,8 @@ class TrainStage:
     data: str = ""  # JSONL/JSON/Parquet/CSV file, a save_to_disk folder, or a hub name
     type: str = ""  # defaults to the stage's name
     eval_data: str | None = None  # held-out set; when absent, eval_fraction of data is held out
-    eval_fraction: float = 0.1
+    eval_fraction: float = 0.1  # drawn by prompt: rows sharing a prompt are all trained on or all held out
+    strict_eval: bool = False  # refuse eval_data that shares prompts or rows with data (before anything trains)
     max_length: int = 1024  # tokens per example, after the chat template
     too_long: Literal["truncate", "drop"] = "truncate"  # what to do with longer examples
     lr: float = 2e-5

@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import math
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -362,24 +361,111 @@ def unique_prompts(pairs: list[dict], limit: int) -> list:
     return out[:limit]
 
 
-def split(rows: list, eval_fraction: float, seed: int) -> tuple[list, list]:
-    """Shuffle with `seed`, hold out ceil(n * eval_fraction) rows (at least 1 when asked, never all)."""
-    if eval_fraction <= 0 or len(rows) < 2:
-        return list(rows), []
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
+def prompt_key(row: dict, kind: str) -> str:
+    """The prompt a validated row is grouped by when a held-out share is drawn: for SFT the conversation without its
+    final assistant turn(s), otherwise the prompt; as message lists, so "q" and [{"role": "user", "content": "q"}]
+    are the same prompt."""
+    if kind == "sft":
+        turns = as_messages(row)
+        while turns and turns[-1]["role"] == "assistant":
+            turns = turns[:-1]
+    elif "chosen" in row or "rejected" in row:  # preference rows, and KTO given as pairs
+        turns = as_preference(row)["prompt"]
+    else:  # prompts, unpaired KTO rows
+        turns = as_turns(row["prompt"], "user")
+    return json.dumps(turns, ensure_ascii=False)
+
+
+def row_key(row: Any) -> str:
+    """A row's exact content, for counting verbatim duplicates."""
+    return json.dumps(row, sort_keys=True, ensure_ascii=False, default=str)
+
+
+def held_out(keys: list, eval_fraction: float, seed: int) -> list[int]:
+    """The 0-based indices (ascending) of the rows to hold out: whole groups of rows sharing a key.
+
+    The groups are ordered by a hash of `seed` and their key and taken until ceil(n * eval_fraction) rows are held out (at least one group
+    when asked, never every group), so no key is on both sides and the held-out share overshoots by at most one
+    group's rows. With distinct keys this is a plain shuffled split of rows."""
+    n = len(keys)
+    groups: dict[Any, list[int]] = {}
+    for i, k in enumerate(keys):
+        groups.setdefault(k, []).append(i)
+    if eval_fraction <= 0 or len(groups) < 2:
+        return []
+    # groups in the order of a seeded hash of their key, not of their place in the file: a prompt's rank is the same
+    # in every file that holds it, so stages sharing a seed hold out the same prompts (the smaller share is a subset)
+    order = [groups[k] for k in sorted(groups, key=lambda k: hashlib.sha256(f"{seed}\0{k}".encode()).digest())]
     # round first: 100 * 0.07 is 7.000000000000001, whose ceil would hold out 8 rows
-    n_eval = min(len(rows) - 1, max(1, math.ceil(round(len(rows) * eval_fraction, 9))))
-    held = set(order[:n_eval])
-    return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
+    n_eval = max(1, math.ceil(round(n * eval_fraction, 9)))
+    held: list[int] = []
+    for group in order[:-1]:  # the last group always trains
+        if len(held) >= n_eval:
+            break
+        held.extend(group)
+    return sorted(held)
 
 
-def load_split(stage, kind: str, convert=lambda row: row) -> tuple[list, list]:
-    """A stage's training and held-out rows: its `eval_data`, or `eval_fraction` of `data` held out."""
-    rows = [convert(r) for r in load_rows(stage.data, kind).rows]
+def split(rows: list, eval_fraction: float, seed: int, keys: list | None = None) -> tuple[list, list]:
+    """Shuffle with `seed`, hold out about ceil(n * eval_fraction) rows (at least 1 when asked, never all), keeping
+    rows with the same key (default: the same content) on one side."""
+    keys = [row_key(r) for r in rows] if keys is None else keys
+    held = set(held_out(keys, eval_fraction, seed))
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def duplicate_count(rows: list) -> int:
+    """How many rows repeat an earlier row verbatim."""
+    return len(rows) - len({row_key(r) for r in rows})
+
+
+def eval_overlap(data: Rows, eval_data: Rows, kind: str) -> tuple[int, int]:
+    """(shared_prompts, duplicate_rows) between a training file and its `eval_data`: the distinct prompts present in
+    both, and the held-out rows that are verbatim training rows."""
+    train_rows = {row_key(r) for r in data.rows}
+    train_prompts = {prompt_key(r, kind) for r in data.rows}
+    shared = len({prompt_key(r, kind) for r in eval_data.rows} & train_prompts)
+    return shared, sum(row_key(r) in train_rows for r in eval_data.rows)
+
+
+def overlap_error(strict: bool, kind: str, data: Rows, eval_data: Rows, key: str = "strict_eval") -> tuple[int, int]:
+    """`eval_overlap`, raised as an AlignError when `strict` (a stage's `strict_eval`) and the files overlap."""
+    shared, dups = eval_overlap(data, eval_data, kind)
+    if strict and (shared or dups):
+        raise AlignError(f"{key}: held-out {eval_data.source} overlaps training "
+                         f"{data.source}: {shared} shared prompts, {dups} duplicate rows; remove them from one file "
+                         "or set strict_eval: false")
+    return shared, dups
+
+
+def load_split(stage, kind: str, convert=lambda row: row, out_dir: Path | None = None) -> tuple[list, list]:
+    """A stage's training and held-out rows: its `eval_data`, or `eval_fraction` of `data` held out by prompt.
+
+    Rows are grouped by their prompt (`prompt_key`) before the held-out share is drawn, so no held-out prompt is
+    trained on and verbatim duplicates stay on one side. `out_dir/split.json` records the split:
+    `{"data", "eval_rows" (0-based rows of data held out), "duplicate_rows", "shared_prompts"}`; with `eval_data`
+    (and "eval_data" in it) the counts are the overlap of the two files, which `strict_eval: true` refuses."""
+    from align.artifacts import write_json
+
+    data, strict = load_rows(stage.data, kind), stage.strict_eval
     if stage.eval_data:
-        return rows, [convert(r) for r in load_rows(stage.eval_data, kind).rows]
-    return split(rows, stage.eval_fraction, stage.seed)
+        evals = load_rows(stage.eval_data, kind)
+        shared, dups = overlap_error(strict, kind, data, evals)
+        report = {"data": stage.data, "eval_data": stage.eval_data, "eval_rows": [], "duplicate_rows": dups,
+                  "shared_prompts": shared}
+        train, held = data.rows, evals.rows
+    else:
+        keys = [prompt_key(r, kind) for r in data.rows]
+        index = held_out(keys, stage.eval_fraction, stage.seed)
+        chosen = set(index)
+        train = [r for i, r in enumerate(data.rows) if i not in chosen]
+        held = [data.rows[i] for i in index]
+        shared = len({keys[i] for i in index} & {k for i, k in enumerate(keys) if i not in chosen})
+        report = {"data": stage.data, "eval_rows": index, "duplicate_rows": duplicate_count(data.rows),
+                  "shared_prompts": shared}
+    if out_dir is not None:
+        write_json(Path(out_dir) / "split.json", report)
+    return [convert(r) for r in train], [convert(r) for r in held]
 
 
 def apply_too_long(rows: list, lengths: list[int], max_length: int, policy: str, what: str,

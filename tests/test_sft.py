@@ -32,7 +32,8 @@ def test_full_sft_lowers_held_out_loss(tiny_model, tmp_path):
 
     # Random weights over a 512-token vocabulary start near ln(512) = 6.24.
     assert 5.5 < metrics["eval_loss_before"] < 7.0
-    assert metrics["eval_loss"] < 2.0
+    # Measured 2.09 (6.20 before) on prompts training never saw; 1.48 when the held-out rows repeated training rows.
+    assert metrics["eval_loss"] < 2.3
     assert metrics["eval_loss"] < 0.35 * metrics["eval_loss_before"]
     assert metrics["global_step"] == 102  # ceil(540 / 16) * 3 epochs
 

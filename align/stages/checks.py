@@ -11,7 +11,7 @@ import importlib.util
 from pathlib import Path
 
 from align.config import STAGE_REF, Recipe
-from align.data import load_rows
+from align.data import load_rows, overlap_error
 from align.errors import AlignError
 from align.forgetting import read_texts
 from align.models import quantization_unavailable
@@ -28,6 +28,9 @@ def check_stage(recipe: Recipe, name: str, processes: int | None = None) -> int:
     rows = _rows(stage.data, spec.data, f"{key}.data")
     if stage.eval_data:
         _rows(stage.eval_data, spec.data, f"{key}.eval_data")
+        if stage.strict_eval:  # before any stage trains: a held-out set that is not held out fails in seconds
+            overlap_error(True, spec.data, load_rows(stage.data, spec.data), load_rows(stage.eval_data, spec.data),
+                          f"{key}.strict_eval")
     if stage.max_steps <= 0 and stage.epochs <= 0:
         raise AlignError(f"{key}.epochs: {stage.epochs} trains nothing; expected epochs > 0 or max_steps > 0")
     if stage.batch_size < 1 or stage.grad_accum < 1:

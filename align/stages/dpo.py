@@ -99,9 +99,9 @@ def make_trainer_class():
     return CachedRefDPOTrainer
 
 
-def preference_rows(stage, name: str, tokenizer) -> tuple[list[dict], list[dict], int]:
+def preference_rows(stage, name: str, tokenizer, out_dir: Path | None = None) -> tuple[list[dict], list[dict], int]:
     """Train and held-out pairs as message lists, with the recipe's policy for over-long pairs."""
-    train, held = load_split(stage, "preference", as_preference)
+    train, held = load_split(stage, "preference", as_preference, out_dir)
 
     def length(pair):
         return max(len(tokenizer.apply_chat_template(pair["prompt"] + pair[k], tokenize=True,
@@ -122,7 +122,7 @@ def run(stage: DPOStage, name: str, out_dir: Path, model_path: str, reward_path:
 
     timer = Timer()
     tokenizer = load_tokenizer(model_path)
-    train, held, too_long = preference_rows(stage, name, tokenizer)
+    train, held, too_long = preference_rows(stage, name, tokenizer, out_dir)
     train_ds = trainer_dataset(train, out_dir / "datasets" / "train")
     eval_ds = trainer_dataset(held, out_dir / "datasets" / "eval") if held else None
     log.info("%s: %d training pairs, %d held out", name, len(train), len(held))

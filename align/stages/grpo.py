@@ -89,7 +89,7 @@ def _run(stage, name: str, out_dir: Path, model_path: str, reward_path: str | No
     timer = Timer()
     engine_args, user_fn = checked
     tokenizer = load_tokenizer(model_path)
-    train, held, too_long = prompt_rows(stage, name, tokenizer)
+    train, held, too_long = prompt_rows(stage, name, tokenizer, out_dir)
     log.info("%s: %d training prompts, %d held out; %d completions per prompt", name, len(train), len(held),
              stage.num_generations)
 

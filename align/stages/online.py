@@ -7,6 +7,7 @@ import importlib
 import logging
 import os
 import sys
+from pathlib import Path
 
 from align.data import apply_too_long, as_turns, load_split
 from align.errors import AlignError
@@ -43,9 +44,10 @@ def load_reward_fn(spec: str, name: str, key: str | None = None):
     return fn
 
 
-def prompt_rows(stage, name: str, tokenizer) -> tuple[list[dict], list[dict], int]:
+def prompt_rows(stage, name: str, tokenizer, out_dir: Path | None = None) -> tuple[list[dict], list[dict], int]:
     """Training and held-out `{"prompt": messages}` rows, `too_long` applied to both; the count is of training rows."""
-    train, held = load_split(stage, "prompts", lambda row: {"prompt": as_turns(row["prompt"], "user")})
+    train, held = load_split(stage, "prompts", lambda row: {"prompt": as_turns(row["prompt"], "user")},
+                             out_dir)
     limit = stage.max_length - stage.response_length
     if limit < 1:
         raise AlignError(f"stages.{name}.response_length: {stage.response_length} leaves no room for the prompt in "

@@ -659,7 +659,7 @@ def run(stage: PPOStage, name: str, out_dir: Path, model_path: str, reward_path:
     torch.manual_seed(stage.seed)
     tokenizer = load_tokenizer(model_path)
     reward_fn = load_reward_fn(stage.reward_fn, name) if stage.reward_fn else None
-    train_rows, held_rows, too_long = prompt_rows(stage, name, tokenizer)
+    train_rows, held_rows, too_long = prompt_rows(stage, name, tokenizer, out_dir)
     train = [r["prompt"] for r in train_rows]
     log.info("%s: %d training prompts, %d held out", name, len(train), len(held_rows))
     policy = load_model(model_path, quantization=stage.quantization,

@@ -30,7 +30,7 @@ def run(stage: RewardStage, name: str, out_dir: Path, model_path: str) -> dict:
 
     timer = Timer()
     tokenizer = load_tokenizer(model_path)
-    train_pairs, eval_pairs = load_split(stage, "preference", as_preference)
+    train_pairs, eval_pairs = load_split(stage, "preference", as_preference, out_dir)
     train_rows, too_long = tokenize_pairs(train_pairs, tokenizer, stage.max_length, stage.too_long,
                                           f"{name}: {stage.data}")
     eval_rows = tokenize_pairs(eval_pairs, tokenizer, stage.max_length, stage.too_long,

@@ -27,7 +27,7 @@ def run(stage: SFTStage, name: str, out_dir: Path, model_path: str) -> dict:
     timer = Timer()
     tokenizer = load_tokenizer(model_path)
 
-    train_rows, eval_rows = load_split(stage, "sft", as_messages)
+    train_rows, eval_rows = load_split(stage, "sft", as_messages, out_dir)
     def fit(rows, what):  # TRL cuts the rows that stay at max_length
         lengths = [len(tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"]) for c in rows]
         return apply_too_long(rows, lengths, stage.max_length, stage.too_long, what)

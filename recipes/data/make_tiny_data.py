@@ -6,6 +6,10 @@ deterministic (fixed seed), so the committed JSONL files can be re-made byte for
 The tasks are ones a 2-layer, 64-wide model learns in a minute on a CPU: counting,
 copying a word list, and a fixed table of facts. Held-out loss falls clearly when it
 learns them, which is what the SFT tests assert.
+
+No prompt repeats within a file (`distinct_rows`): `align` holds out whole prompts, so the
+held-out rows are prompts training never saw (other numbers, word lists and facts), and the
+split is not lumpy. The tables are wide enough that every task keeps its share of rows.
 """
 
 import json
@@ -16,26 +20,43 @@ HERE = Path(__file__).parent
 WORDS = ("red blue green yellow black white cat dog bird fish horse lion apple banana "
          "cherry grape lemon peach Monday Friday Sunday").split()
 FACTS = {"sky": "blue", "grass": "green", "snow": "white", "coal": "black",
-         "blood": "red", "sun": "yellow", "lemon": "yellow", "cherry": "red"}
+         "blood": "red", "sun": "yellow", "lemon": "yellow", "cherry": "red",
+         "banana": "yellow", "milk": "white", "night": "black", "leaf": "green", "ocean": "blue", "tomato": "red",
+         "carrot": "orange", "pumpkin": "orange", "lime": "green", "strawberry": "red", "cloud": "white",
+         "crow": "black", "frog": "green", "chalk": "white", "ink": "black", "corn": "yellow", "salt": "white",
+         "pepper": "black", "grape": "purple", "plum": "purple", "rose": "red", "cucumber": "green",
+         "blueberry": "blue", "sea": "blue", "butter": "yellow", "tar": "black", "apple": "red", "pea": "green"}
+
+
+def distinct_rows(make, rng: random.Random, n: int) -> list[dict]:
+    """`n` rows of `make(rng)` with no prompt twice (a repeat is drawn again)."""
+    rows, seen = [], set()
+    while len(rows) < n:
+        row = make(rng)
+        key = json.dumps(row.get("messages", [{}])[0].get("content") if "messages" in row else row["prompt"])
+        if key not in seen:
+            seen.add(key)
+            rows.append(row)
+    return rows
 
 
 def sft_rows(rng: random.Random, n: int) -> list[dict]:
-    rows = []
-    for _ in range(n):
-        task = rng.choice(("count", "repeat", "fact"))
-        if task == "count":
-            a = rng.randint(1, 15)
-            b = a + rng.randint(2, 5)
-            prompt, answer = f"Count from {a} to {b}.", " ".join(str(i) for i in range(a, b + 1))
-        elif task == "repeat":
-            words = rng.sample(WORDS, rng.randint(2, 4))
-            prompt, answer = "Repeat: " + " ".join(words), " ".join(words)
-        else:
-            thing = rng.choice(sorted(FACTS))
-            prompt, answer = f"What color is the {thing}?", f"The {thing} is {FACTS[thing]}."
-        rows.append({"messages": [{"role": "user", "content": prompt},
-                                  {"role": "assistant", "content": answer}]})
-    return rows
+    return distinct_rows(sft_row, rng, n)
+
+
+def sft_row(rng: random.Random) -> dict:
+    task = rng.choice(("count", "repeat", "fact"))
+    if task == "count":
+        a = rng.randint(1, 60)
+        b = a + rng.randint(2, 5)
+        prompt, answer = f"Count from {a} to {b}.", " ".join(str(i) for i in range(a, b + 1))
+    elif task == "repeat":
+        words = rng.sample(WORDS, rng.randint(2, 4))
+        prompt, answer = "Repeat: " + " ".join(words), " ".join(words)
+    else:
+        thing = rng.choice(sorted(FACTS))
+        prompt, answer = f"What color is the {thing}?", f"The {thing} is {FACTS[thing]}."
+    return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
 
 
 FILLER = " I hope this helps!"
@@ -115,34 +136,44 @@ CAPITALS = {"France": "Paris", "Italy": "Rome", "Spain": "Madrid", "Germany": "B
             "Canada": "Ottawa", "Egypt": "Cairo", "Kenya": "Nairobi", "Peru": "Lima", "Norway": "Oslo",
             "Greece": "Athens", "Poland": "Warsaw", "Portugal": "Lisbon", "Austria": "Vienna",
             "Ireland": "Dublin", "Sweden": "Stockholm", "Chile": "Santiago", "Cuba": "Havana",
-            "Thailand": "Bangkok", "Vietnam": "Hanoi", "Argentina": "Buenos Aires", "Turkey": "Ankara"}
-LEGS = {"spider": 8, "dog": 4, "bird": 2, "ant": 6, "cat": 4, "horse": 4, "duck": 2, "beetle": 6}
+            "Thailand": "Bangkok", "Vietnam": "Hanoi", "Argentina": "Buenos Aires", "Turkey": "Ankara",
+            "Russia": "Moscow", "China": "Beijing", "India": "New Delhi", "Mexico": "Mexico City",
+            "Brazil": "Brasilia", "Denmark": "Copenhagen", "Finland": "Helsinki", "Hungary": "Budapest",
+            "Belgium": "Brussels", "Netherlands": "Amsterdam", "Colombia": "Bogota", "Morocco": "Rabat",
+            "Nigeria": "Abuja", "Iran": "Tehran", "Iraq": "Baghdad", "Cambodia": "Phnom Penh",
+            "Indonesia": "Jakarta", "Australia": "Canberra"}
+LEGS = {"spider": 8, "dog": 4, "bird": 2, "ant": 6, "cat": 4, "horse": 4, "duck": 2, "beetle": 6, "cow": 4,
+        "chicken": 2, "goat": 4, "fly": 6, "bee": 6, "lion": 4, "tiger": 4, "scorpion": 8, "crab": 10, "sheep": 4,
+        "owl": 2, "mouse": 4}
 OPPOSITES = {"hot": "cold", "big": "small", "up": "down", "fast": "slow", "light": "dark", "early": "late",
-             "happy": "sad", "open": "closed", "full": "empty", "young": "old"}
+             "happy": "sad", "open": "closed", "full": "empty", "young": "old", "wet": "dry", "hard": "soft",
+             "tall": "short", "rich": "poor", "loud": "quiet", "strong": "weak", "thick": "thin", "heavy": "light",
+             "clean": "dirty", "day": "night", "left": "right", "inside": "outside", "win": "lose", "buy": "sell"}
 
 
 def concise_rows(rng: random.Random, n: int) -> list[dict]:
     """Questions with one-line answers: after SFT a chatty model answers tersely, which a person can see."""
-    rows = []
-    for _ in range(n):
-        task = rng.choice(("capital", "add", "legs", "opposite", "fact"))
-        if task == "capital":
-            country = rng.choice(sorted(CAPITALS))
-            q, a = f"What is the capital of {country}?", f"{CAPITALS[country]}."
-        elif task == "add":
-            x, y = rng.randint(2, 60), rng.randint(2, 40)
-            q, a = f"What is {x} plus {y}?", f"{x + y}."
-        elif task == "legs":
-            animal = rng.choice(sorted(LEGS))
-            q, a = f"How many legs does a {animal} have?", f"{LEGS[animal]}."
-        elif task == "opposite":
-            word = rng.choice(sorted(OPPOSITES))
-            q, a = f"What is the opposite of {word}?", f"{OPPOSITES[word].capitalize()}."
-        else:
-            thing = rng.choice(sorted(FACTS))
-            q, a = f"What color is the {thing}?", f"{FACTS[thing].capitalize()}."
-        rows.append({"prompt": q, "completion": a})
-    return rows
+    return distinct_rows(concise_row, rng, n)
+
+
+def concise_row(rng: random.Random) -> dict:
+    task = rng.choice(("capital", "add", "legs", "opposite", "fact"))
+    if task == "capital":
+        country = rng.choice(sorted(CAPITALS))
+        q, a = f"What is the capital of {country}?", f"{CAPITALS[country]}."
+    elif task == "add":
+        x, y = rng.randint(2, 60), rng.randint(2, 40)
+        q, a = f"What is {x} plus {y}?", f"{x + y}."
+    elif task == "legs":
+        animal = rng.choice(sorted(LEGS))
+        q, a = f"How many legs does a {animal} have?", f"{LEGS[animal]}."
+    elif task == "opposite":
+        word = rng.choice(sorted(OPPOSITES))
+        q, a = f"What is the opposite of {word}?", f"{OPPOSITES[word].capitalize()}."
+    else:
+        thing = rng.choice(sorted(FACTS))
+        q, a = f"What color is the {thing}?", f"{FACTS[thing].capitalize()}."
+    return {"prompt": q, "completion": a}
 
 
 if __name__ == "__main__":
