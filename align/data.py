@@ -384,9 +384,9 @@ def row_key(row: Any) -> str:
 def held_out(keys: list, eval_fraction: float, seed: int) -> list[int]:
     """The 0-based indices (ascending) of the rows to hold out: whole groups of rows sharing a key.
 
-    The groups are ordered by a hash of `seed` and their key and taken until ceil(n * eval_fraction) rows are held out (at least one group
-    when asked, never every group), so no key is on both sides and the held-out share overshoots by at most one
-    group's rows. With distinct keys this is a plain shuffled split of rows."""
+    The groups are ordered by a hash of `seed` and their key and taken until ceil(n * eval_fraction) rows are held
+    out (at least one group when asked, never every group), so no key is on both sides and the held-out share
+    overshoots by at most one group's rows. With distinct keys this is a plain shuffled split of rows."""
     n = len(keys)
     groups: dict[Any, list[int]] = {}
     for i, k in enumerate(keys):

@@ -80,20 +80,27 @@ def test_the_text_report_and_a_clean_file_exits_0(tmp_path, capsys):
     assert code == 0 and out.strip().endswith("clean")
 
 
-def test_the_shipped_tiny_prefs_duplicates(tmp_path):
-    """Counted here with plain Python: a row is a duplicate when an earlier line holds the same JSON object."""
+def test_the_shipped_tiny_prefs_are_clean_and_repeats_are_counted(tmp_path):
+    """The shipped file (regenerated with no prompt twice) checks clean; the same file with three of its rows
+    repeated at the end is counted by plain Python (a duplicate: an earlier line holds the same JSON object)."""
+    done = subprocess_check(TINY_PREFS, "--json")
+    assert done.returncode == 0, done.stdout
+    assert json.loads(done.stdout)["exact_duplicates"] == 0
+    lines = [ln for ln in TINY_PREFS.read_text().splitlines() if ln.strip()]
+    lines = lines + [lines[7], lines[3], lines[7]]
+    repeated = tmp_path / "repeated.jsonl"
+    repeated.write_text("\n".join(lines) + "\n")
     seen, duplicates = set(), []
-    for i, line in enumerate(ln for ln in TINY_PREFS.read_text().splitlines() if ln.strip()):
+    for i, line in enumerate(lines):
         key = json.dumps(json.loads(line), sort_keys=True)
         if key in seen:
             duplicates.append(i)
         seen.add(key)
-    assert duplicates  # the file does repeat rows; if it stops, this test wants a new subject
-    done = subprocess_check(TINY_PREFS, "--json")
+    done = subprocess_check(repeated, "--json")
     assert done.returncode == 1, done.stderr
     r = json.loads(done.stdout)
-    assert r["rows"] == len(TINY_PREFS.read_text().split("\n")) - 1
-    assert r["exact_duplicates"] == len(duplicates)
+    assert r["rows"] == len(lines)
+    assert r["exact_duplicates"] == len(duplicates) == 3
     assert r["examples"]["exact_duplicates"] == duplicates[:5]
 
 

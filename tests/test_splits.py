@@ -68,7 +68,8 @@ def test_grouping_follows_the_rendered_prompt():
     implicit = {"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
                 "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]}
     assert prompt_key(implicit, "preference") == prompt_key({"prompt": "q"}, "prompts")
-    assert prompt_key({"prompt": "q", "completion": "a", "label": True}, "kto") == prompt_key({"prompt": "q"}, "prompts")
+    kto_row = {"prompt": "q", "completion": "a", "label": True}
+    assert prompt_key(kto_row, "kto") == prompt_key({"prompt": "q"}, "prompts")
     assert prompt_key(sft("q", "a"), "sft") != prompt_key(sft("r", "a"), "sft")
 
 

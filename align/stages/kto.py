@@ -29,7 +29,8 @@ def run(stage: KTOStage, name: str, out_dir: Path, model_path: str, reward_path:
 
     timer = Timer()
     tokenizer = load_tokenizer(model_path)
-    train_src, held_src = load_split(stage, "kto", out_dir=out_dir)  # split before unpairing: a pair's halves stay together
+    # split before unpairing: a pair's halves stay together
+    train_src, held_src = load_split(stage, "kto", out_dir=out_dir)
     train = [u for r in train_src for u in as_unpaired(r)]
     held = [u for r in held_src for u in as_unpaired(r)]
 
