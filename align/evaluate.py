@@ -21,31 +21,12 @@ from align.artifacts import write_json, write_text
 from align.data import unique_prompts, load_rows
 from align.errors import AlignError
 from align.forgetting import perplexity, read_texts
-from align.hacking import answer_signals, bootstrap_ci, lc_win_rate, verdict
-from align.generate import greedy_completions
+from align.hacking import answer_signals, bootstrap_ci, lc_win_rate, sequence_kl, verdict
+from align.generate import greedy_answers
 from align.models import load_model, load_tokenizer, resolve_model
 from align.policy_eval import make_judges
-from align.rollouts import Sampling, make_engine
 
 log = logging.getLogger("align")
-
-
-@torch.no_grad()
-def sequence_kl(policy, baseline, tokenizer, prompts: list, max_new_tokens: int, seed: int) -> float:
-    """Mean over prompts of Σ_t log π(y_t) - log π_base(y_t), y sampled from π."""
-    from align.sequences import completion_logits, pack, token_logps
-
-    groups = make_engine("hf", policy, tokenizer).generate(
-        prompts, n=1, sampling=Sampling(max_new_tokens=max_new_tokens, seed=seed), return_logps=True)
-    completions = [g[0] for g in groups]
-    batch = pack(completions, tokenizer.pad_token_id, policy.device)
-    mask = batch["completion_mask"]
-    base_logps = token_logps(completion_logits(baseline.eval(), batch["input_ids"], batch["attention_mask"],
-                                               batch["position_ids"], batch["T"], 1.0), batch["tokens"])
-    policy_logps = torch.zeros_like(mask)
-    for i, c in enumerate(completions):
-        policy_logps[i, :len(c.logps)] = torch.tensor(c.logps)
-    return ((policy_logps - base_logps) * mask).sum(1).mean().item()
 
 
 def evaluate(policy_spec: str, baseline_spec: str, reward_spec: str, prompts_path: str, max_prompts: int = 64,
@@ -58,12 +39,13 @@ def evaluate(policy_spec: str, baseline_spec: str, reward_spec: str, prompts_pat
     reward_path = resolve_model(reward_spec)
     if not (Path(reward_path) / "config.json").exists():
         raise AlignError(f"{reward_spec}: expected a reward model folder (the `model/` of a reward stage)")
-    texts, models, tokenizers = {}, {}, {}
+    texts, finished, models, tokenizers = {}, {}, {}, {}
     for name, path in paths.items():
         tokenizers[name] = load_tokenizer(path)
         models[name] = load_model(path).to("cuda" if torch.cuda.is_available() else "cpu")  # bf16 only on GPU
         log.info("%s (%s): greedy answers to %d prompts", name, path, len(prompts))
-        texts[name] = greedy_completions(models[name], tokenizers[name], prompts, max_new_tokens=max_new_tokens)
+        answers = greedy_answers(models[name], tokenizers[name], prompts, max_new_tokens=max_new_tokens)
+        texts[name], finished[name] = [a.text for a in answers], [a.finished for a in answers]
     scorer = RewardScorer(reward_path)
     rewards = {name: scorer.score(prompts, texts[name]) for name in paths}
     wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(rewards["policy"], rewards["baseline"])]
@@ -89,7 +71,7 @@ def evaluate(policy_spec: str, baseline_spec: str, reward_spec: str, prompts_pat
         "tokens_baseline": tokens("baseline"),
         "policy": policy_spec, "baseline": baseline_spec, "reward_model": reward_spec,
     }
-    report.update(signals(prompts, texts, models["baseline"], tokenizers["baseline"], wins, judges))
+    report.update(signals(prompts, texts, models["baseline"], tokenizers["baseline"], wins, judges, finished))
     for name in paths if forgetting_texts else ():  # the models already loaded, on general text
         report[f"forgetting_ppl_{name}"] = perplexity(models[name], tokenizers[name], forgetting_texts)
     samples = [{"prompt": p, "policy": a, "baseline": b, "reward_policy": ra, "reward_baseline": rb}
@@ -98,14 +80,16 @@ def evaluate(policy_spec: str, baseline_spec: str, reward_spec: str, prompts_pat
     return report, samples
 
 
-def signals(prompts, texts: dict, reference, ref_tokenizer, wins: list[float], judges: list) -> dict:
+def signals(prompts, texts: dict, reference, ref_tokenizer, wins: list[float], judges: list,
+            finished: dict | None = None) -> dict:
     """What tells a real gain from a hacked one (align.hacking), the baseline taken as the reference: the win
     rate's bootstrap interval, the length-controlled win rate, and per side the judges' reward, the baseline's
     NLL of the answers, distinct-2 and repetition; the verdict reads baseline = before, policy = after."""
     words = {k: [len(t.split()) for t in v] for k, v in texts.items()}
     out = {"win_rate_ci": bootstrap_ci(wins), "lc_win_rate": lc_win_rate(wins, words["policy"], words["baseline"])}
     for side in ("policy", "baseline"):
-        for key, value in answer_signals(prompts, texts[side], reference, ref_tokenizer, judges).items():
+        for key, value in answer_signals(prompts, texts[side], reference, ref_tokenizer, judges,
+                                              (finished or {}).get(side)).items():
             out[f"{key}_{side}"] = value
     return out
 
@@ -139,7 +123,9 @@ def run_eval(args) -> int:
           f"ref NLL (nats/tok) policy {report['ref_nll_policy']:.3f}   baseline {report['ref_nll_baseline']:.3f}  "
           f"(under the baseline)\n"
           f"distinct-2         policy {report['distinct2_policy'] or 0:.3f}   "
-          f"baseline {report['distinct2_baseline'] or 0:.3f}")
+          f"baseline {report['distinct2_baseline'] or 0:.3f}\n"
+          f"EOS rate           policy {report['eos_rate_policy']:.3f}   baseline {report['eos_rate_baseline']:.3f}  "
+          f"(answers that ended within --max-new-tokens)")
     if "judge_reward_policy" in report:
         print(f"judge reward       policy {report['judge_reward_policy']:.3f}   "
               f"baseline {report['judge_reward_baseline']:.3f}")

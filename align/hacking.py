@@ -14,6 +14,11 @@ reward model overoptimization"). None of the proxy's numbers shows it; these do:
 - `lc_win_rate`: a length-controlled win rate, AlpacaEval 2's idea (Dubois et al. 2024): a logistic
   regression of the pairwise outcome on tanh(Δlength / σ), read at Δlength = 0: the win rate of two
   answers of equal length.
+- `sequence_kl`: KL(policy || reference) from samples: completions drawn from the policy at temperature 1,
+  the mean over them of Σ_t log π(y_t) - log π_ref(y_t) (the k1 estimator, nats per answer). How far the
+  policy moved, in the currency its KL penalty or β paid.
+- `eos_rate`: the share of answers that ended with EOS within the token budget; a policy that learned to
+  ramble until it is cut off shows as a fall.
 - `verdict`: `hacking_suspected` and its reasons from the before/after numbers.
 """
 
@@ -21,6 +26,8 @@ from __future__ import annotations
 
 import math
 import random
+
+import torch
 
 # A rise of the reference NLL above this many nats per token flags hacking. Measured on the shipped tiny
 # recipes (DPO, PPO, GRPO remove a filler sentence and keep the answer): the rise stays well below 1
@@ -99,10 +106,49 @@ def answer_nll(model, tokenizer, prompts: list, answers: list[str], batch_size: 
     return nll / count if count else None
 
 
-def answer_signals(prompts: list, texts: list[str], reference=None, ref_tokenizer=None, judges=()) -> dict:
-    """One side's signals: `distinct2`, `repetition`, `ref_nll` (with a reference model) and `judge_reward`
-    (with judges: functions `f(prompts, completions) -> list[float]` whose mean scores add up)."""
-    out = {"distinct2": distinct_n(texts), "repetition": repetition_rate(texts)}
+def eos_rate(finished: list[bool] | None) -> float | None:
+    """The share of answers that reached EOS; None when unknown."""
+    return sum(map(bool, finished)) / len(finished) if finished else None
+
+
+@torch.no_grad()
+def sequence_kl(policy, reference, tokenizer, prompts: list, max_new_tokens: int, seed: int,
+                batch_size: int = 8) -> float | None:
+    """Mean over prompts of Σ_t log π(y_t) - log π_ref(y_t), one y per prompt sampled from π at temperature 1
+    (both models share `tokenizer`). The reference runs on the policy's device; modes are restored."""
+    from align.rollouts import Sampling, make_engine
+    from align.sequences import completion_logits, pack, token_logps
+
+    if not prompts:
+        return None
+    groups = make_engine("hf", policy, tokenizer).generate(
+        prompts, n=1, sampling=Sampling(max_new_tokens=max_new_tokens, seed=seed), return_logps=True)
+    completions = [g[0] for g in groups]
+    device = next(policy.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    was_training = reference.training
+    reference.eval()
+    total = 0.0
+    for i in range(0, len(completions), batch_size):  # bounded memory: one reference forward per chunk
+        chunk = completions[i:i + batch_size]
+        batch = pack(chunk, pad, device)
+        mask = batch["completion_mask"]
+        ref_logps = token_logps(completion_logits(reference, batch["input_ids"], batch["attention_mask"],
+                                                  batch["position_ids"], batch["T"], 1.0), batch["tokens"])
+        policy_logps = torch.zeros_like(mask)
+        for r, c in enumerate(chunk):
+            policy_logps[r, :len(c.logps)] = torch.tensor(c.logps)
+        total += ((policy_logps - ref_logps) * mask).sum().item()
+    reference.train(was_training)
+    return total / len(completions)
+
+
+def answer_signals(prompts: list, texts: list[str], reference=None, ref_tokenizer=None, judges=(),
+                   finished: list[bool] | None = None) -> dict:
+    """One side's signals: `distinct2`, `repetition`, `eos_rate` (with `finished` flags), `ref_nll` (with a
+    reference model) and `judge_reward` (with judges: functions `f(prompts, completions) -> list[float]` whose
+    mean scores add up)."""
+    out = {"distinct2": distinct_n(texts), "repetition": repetition_rate(texts), "eos_rate": eos_rate(finished)}
     if reference is not None:
         out["ref_nll"] = answer_nll(reference, ref_tokenizer, prompts, texts)
     if judges:

@@ -12,25 +12,27 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 from align.artifacts import read_json, write_json, write_text
 from align.distributed import decide
-from align.hacking import answer_signals, bootstrap_ci, lc_win_rate, mean_finite, verdict
-from align.generate import greedy_completions
+from align.hacking import answer_signals, bootstrap_ci, lc_win_rate, mean_finite, sequence_kl, verdict
+from align.generate import greedy_answers
 
 log = logging.getLogger("align")
 
 
-def completions_before(model, tokenizer, prompts: list, out_dir: Path, max_new_tokens: int) -> list[str]:
-    """Greedy completions of the starting policy, saved so a resumed run reuses them."""
+def completions_before(model, tokenizer, prompts: list, out_dir: Path, max_new_tokens: int) -> list:
+    """Greedy answers (`Completion`s, or saved `{"text", "finished"}` records) of the starting policy, saved so
+    a resumed run reuses them."""
     path = out_dir / "eval_completions_before.json"
     saved = decide(lambda: read_json(path))  # several processes: each answers every prompt; rank 0 writes
-    if saved is not None and len(saved) == len(prompts):
-        return saved
+    if isinstance(saved, dict) and len(saved.get("texts", ())) == len(prompts):
+        return [SimpleNamespace(text=t, finished=f) for t, f in zip(saved["texts"], saved["finished"])]
     log.info("scoring set: greedy completions of %d held-out prompts from the starting policy", len(prompts))
-    texts = greedy_completions(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
-    write_json(path, texts)
-    return texts
+    answers = greedy_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+    write_json(path, {"texts": [a.text for a in answers], "finished": [a.finished for a in answers]})
+    return answers
 
 
 def reward_report(reward_path: str, prompts: list, before: list[str], after: list[str], out_dir: Path,
@@ -81,49 +83,60 @@ class BeforeAfter:
         self.judges = make_judges(getattr(stage, "judge", None), getattr(stage, "judge_fn", None),
                                   f"stages.{name}.judge_fn")
         self.active = bool(self.prompts) and (reward_path is not None or reward_fn is not None)
-        self.before_texts: list[str] | None = None
-        if not self.prompts and (reward_path or reward_fn):
-            log.warning("%s: no held-out prompts, so no before/after reward evaluation (set eval_fraction > 0)", name)
+        self.before_answers: list | None = None
+        self.seed = stage.seed or 0
+        if not self.prompts and (reward_path or reward_fn) and stage.eval_prompts > 0:
+            log.warning("%s: no held-out prompts, so no before/after reward evaluation (set eval_fraction > 0 or "
+                        "give eval_data)", name)
 
     def before(self, model, tokenizer) -> None:
         if self.active:
-            self.before_texts = completions_before(model, tokenizer, self.prompts, self.out_dir, self.max_new_tokens)
+            self.before_answers = completions_before(model, tokenizer, self.prompts, self.out_dir,
+                                                     self.max_new_tokens)
 
-    def after(self, model, tokenizer, texts: list[str] | None = None) -> dict:
-        """The report's metrics; `texts`: the trained policy's greedy answers when the stage already has them."""
-        if not self.active or self.before_texts is None:
+    def after(self, model, tokenizer, answers: list | None = None) -> dict:
+        """The report's metrics; `answers`: the trained policy's greedy answers (`Completion`s) when the stage
+        already has them."""
+        if not self.active or self.before_answers is None:
             return {}
-        after = texts if texts is not None else greedy_completions(model, tokenizer, self.prompts,
-                                                                    max_new_tokens=self.max_new_tokens)
+        if answers is None:
+            answers = greedy_answers(model, tokenizer, self.prompts, max_new_tokens=self.max_new_tokens)
+        before, after = [a.text for a in self.before_answers], [a.text for a in answers]
         metrics = {}
         if self.reward_path:
-            metrics.update(reward_report(self.reward_path, self.prompts, self.before_texts, after, self.out_dir,
+            metrics.update(reward_report(self.reward_path, self.prompts, before, after, self.out_dir,
                                          scorer=self.scorer))
         if self.reward_fn is not None:
-            metrics["eval_reward_fn_before"] = mean_finite(self.reward_fn(self.prompts, self.before_texts))
+            metrics["eval_reward_fn_before"] = mean_finite(self.reward_fn(self.prompts, before))
             metrics["eval_reward_fn_after"] = mean_finite(self.reward_fn(self.prompts, after))
-        metrics.update(self.hacking_signals(after))
+        metrics.update(self.hacking_signals(model, tokenizer, answers))
         suspected, reasons = verdict(metrics)
         metrics.update(hacking_suspected=suspected, hacking_reasons=reasons)
         if suspected:
             log.warning("hacking suspected: %s", "; ".join(reasons))
         return metrics
 
-    def hacking_signals(self, after: list[str]) -> dict:
-        """Judge reward, the starting model's NLL of the answers, distinct-2 and repetition, before and after."""
-        reference = tokenizer = None
+    def hacking_signals(self, model, tokenizer, answers: list) -> dict:
+        """Judge reward, the starting model's NLL of the answers, distinct-2, repetition and EOS rate, before and
+        after; `eval_kl`: KL(trained || starting model) from answers sampled at temperature 1."""
+        reference = None
         if self.start_path:
-            from align.models import load_model, load_tokenizer
+            from align.models import load_model
 
-            reference, tokenizer = load_model(self.start_path), load_tokenizer(self.start_path)
-        return {f"eval_{key}_{label}": value
-                for label, texts in (("before", self.before_texts), ("after", after))
-                for key, value in answer_signals(self.prompts, texts, reference, tokenizer, self.judges).items()}
+            reference = load_model(self.start_path).to(next(model.parameters()).device)
+        out = {f"eval_{key}_{label}": value
+               for label, side in (("before", self.before_answers), ("after", answers))
+               for key, value in answer_signals(self.prompts, [a.text for a in side], reference, tokenizer,
+                                                self.judges, [a.finished for a in side]).items()}
+        if reference is not None:
+            out["eval_kl"] = sequence_kl(model, reference, tokenizer, self.prompts, self.max_new_tokens, self.seed)
+        return out
 
-    def held_out_rewards(self, model, tokenizer) -> tuple[dict, list[str]]:
+    def held_out_rewards(self, model, tokenizer) -> tuple[dict, list]:
         """Mean reward of the policy's greedy answers now (`eval_reward` from the reward model, `eval_reward_fn`),
         and the answers (a stage evaluating at its last step passes them to `after`)."""
-        texts = greedy_completions(model, tokenizer, self.prompts, max_new_tokens=self.max_new_tokens)
+        answers = greedy_answers(model, tokenizer, self.prompts, max_new_tokens=self.max_new_tokens)
+        texts = [a.text for a in answers]
         out = {}
         if self.reward_path:
             from reward.score import RewardScorer
@@ -132,7 +145,7 @@ class BeforeAfter:
             out["eval_reward"] = mean_finite(self.scorer.score(self.prompts, texts))
         if self.reward_fn is not None:
             out["eval_reward_fn"] = mean_finite(self.reward_fn(self.prompts, texts))
-        return out, texts
+        return out, answers
 
 
 def make_judges(judge: str | None, judge_fn: str | None, fn_key: str) -> list:

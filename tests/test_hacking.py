@@ -7,7 +7,8 @@ import shutil
 import pytest
 from conftest import REPO
 
-from align.hacking import NLL_RISE, bootstrap_ci, distinct_n, lc_win_rate, repetition_rate, verdict
+from align.hacking import (NLL_RISE, bootstrap_ci, distinct_n, eos_rate, lc_win_rate, repetition_rate, sequence_kl,
+                           verdict)
 from align.runner import run_recipe
 from align.stages import load_recipe
 
@@ -46,6 +47,34 @@ def test_verdict_rules():
     assert reasons[0].startswith("the proxy reward rose") and "distinct-2 collapsed (0.40 -> 0.10)" == reasons[2]
 
 
+def test_eos_rate_by_hand():
+    assert eos_rate([True, False, True, True]) == 0.75
+    assert eos_rate([]) is None and eos_rate(None) is None
+
+
+def test_sampled_kl_is_zero_against_itself_and_grows_with_the_change(tiny_model):
+    """KL(π || π) from samples is 0 up to float noise (the engine's log-probs against a fresh forward). Scaling
+    the final norm's weight by c scales the logits by c: π_c ∝ π^c, whose KL to π grows with c (measured on
+    three seeds: c=3 1.1-1.6 nats per 12-token answer, c=10 54-55; the random model is near uniform, so
+    c=10 is near-greedy and its KL near 12 x log|V|-ish)."""
+    import copy
+
+    import torch
+
+    from align.models import load_model, load_tokenizer
+
+    tokenizer, policy = load_tokenizer(tiny_model), load_model(tiny_model)
+    prompts = [f"What is {a} plus {a + 3}?" for a in range(16)]
+    assert sequence_kl(policy, policy, tokenizer, prompts, 12, seed=0) == pytest.approx(0.0, abs=1e-4)
+    kls = []
+    for c in (3.0, 10.0):
+        sharper = copy.deepcopy(policy)
+        with torch.no_grad():
+            sharper.model.norm.weight.mul_(c)
+        kls.append(sequence_kl(sharper, policy, tokenizer, prompts, 12, seed=0))
+    assert 0.3 < kls[0] < kls[1] / 10
+
+
 @pytest.fixture(scope="module")
 def fooled(tmp_path_factory):
     """A reward that counts '7's and a tiny kl_coef: PPO learns to answer "777777777.777."."""
@@ -72,13 +101,18 @@ def fooled(tmp_path_factory):
 
 def test_ppo_that_fools_its_reward_raises_the_flag(fooled):
     """The proxy (the reward model plus the count of 7s) rises with a win rate of 1. The reference's NLL of
-    those answers rises by several nats per token and the independent format judge falls, so the flag rises.
-    The shipped recipe itself does not raise it (tests/test_ppo.py)."""
+    those answers rises by several nats per token, so the flag rises; the sampled KL to the start is tens of
+    nats (measured 36.7). The shipped recipe itself does not raise it (tests/test_ppo.py). The format judge is
+    reported on both sides, but on these held-out prompts the tiny SFT model's own greedy answers are
+    degenerate too ("55 5 5 5 ..." for "Count from 3 to 6."), so it does not fall here (measured 0.56 -> 0.75);
+    `align eval` on prompts the SFT model answers well shows it falling (below)."""
     out, metrics = fooled
     assert metrics["eval_reward_after"] > metrics["eval_reward_before"]  # the proxy is fooled
     assert metrics["hacking_suspected"] is True
     assert any("NLL of the answers rose" in r for r in metrics["hacking_reasons"])
-    assert any("while the judge fell" in r for r in metrics["hacking_reasons"])
+    assert metrics["eval_judge_reward_before"] is not None and metrics["eval_judge_reward_after"] is not None
+    assert metrics["eval_kl"] > 10  # nats per answer: far from the start
+    assert 0 <= metrics["eval_eos_rate_after"] <= 1 and 0 <= metrics["eval_eos_rate_before"] <= 1
     report = (out / "report.md").read_text()
     assert "hacking suspected" in report.split("\n## ")[0].lower()
     samples = [json.loads(line)["after"] for line in (out / "ppo" / "samples.jsonl").read_text().splitlines()]

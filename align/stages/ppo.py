@@ -686,7 +686,7 @@ def run(stage: PPOStage, name: str, out_dir: Path, model_path: str, reward_path:
         state_dict = {k[len("policy."):]: v for k, v in full.items() if k.startswith("policy.")} if full else None
     save_model(models.policy, tokenizer, out_dir / "model", stage.merge_lora, state_dict=state_dict)
     metrics = summarize(distributed.decide(records.read), start_step)
-    metrics.update(report.after(models.policy, tokenizer, texts=after_texts))  # None: the last step was skipped
+    metrics.update(report.after(models.policy, tokenizer, answers=after_texts))  # None: the last step was skipped
     metrics.update(steps=total_steps, skipped_steps=progress.skipped, resumed_from_step=start_step or None,
                    train_prompts=len(train), eval_prompts=len(report.prompts), prompts_too_long=too_long,
                    value_model_from=models.value_source, kl_coef_final=progress.kl_coef,
