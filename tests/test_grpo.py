@@ -87,8 +87,10 @@ def test_rloo_learns_from_a_reward_fn(base, tmp_path):
                          max_steps=10)
     recipe = write_recipe(tmp_path / "rloo.yaml", tmp_path / "run", {"rloo": stage})
     metrics = run_recipe(load_recipe(recipe))["rloo"]
-    # brevity is minus a tenth of the word count: the held-out greedy answers lose 3+ words on average
-    assert metrics["eval_reward_fn_after"] > metrics["eval_reward_fn_before"] + 0.3
+    # brevity is minus a tenth of the word count: the held-out greedy answers (new prompts, 2.1 words on average
+    # before) lose more than half their words (measured: 2.1 -> 0.6)
+    assert metrics["eval_reward_fn_before"] < -0.1
+    assert metrics["eval_reward_fn_after"] > metrics["eval_reward_fn_before"] / 2
     assert metrics["train_reward_last"] > metrics["train_reward_first"]
     assert "eval_reward_before" not in metrics  # no reward stage, so no reward-model scores
 

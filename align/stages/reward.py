@@ -25,6 +25,7 @@ log = logging.getLogger("align")
 
 
 def run(stage: RewardStage, name: str, out_dir: Path, model_path: str) -> dict:
+    import torch
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
@@ -39,6 +40,7 @@ def run(stage: RewardStage, name: str, out_dir: Path, model_path: str) -> dict:
     eval_ds = Dataset.from_list(eval_rows) if eval_rows else None
     log.info("%s: %d training pairs, %d held out", name, len(train_ds), len(eval_rows))
 
+    torch.manual_seed(stage.seed)  # the new score head: the same draw whatever ran before in this process
     model = (load_quantized(model_path, stage.quantization, stage.gradient_checkpointing, num_labels=1)
              if stage.quantization else init_reward_model(model_path))
     model.config.pad_token_id = tokenizer.pad_token_id
