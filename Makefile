@@ -55,6 +55,7 @@ demo: install
 bench: install
 	$(PY) bench/dpo_throughput.py
 	$(PY) bench/labeling_load.py
+	$(PY) bench/frontier.py
 
 # The GPU check (bench/gpu_check.py): QLoRA, FSDP2/ZeRO-2, PPO with vLLM, rollouts, `pytest -m gpu`, in one
 # command under 8 minutes on one H100, one JSON summary ($OUT/gpu_check.json, else gpu_check.json). DRY=1 prints
