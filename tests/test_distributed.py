@@ -48,7 +48,7 @@ def test_two_ranks_at_half_the_batch_follow_one_process(tiny_model, tmp_path):
     shards each global batch), so with gradients averaged over ranks the runs differ only by float summation
     order. Step 1's gradient norm agrees to 1e-5 (a rank that skipped the all-reduce would be off by ~20%, as
     measured before `training.unmark_eval_prepared`); after 34 steps at lr 3e-3 the held-out loss agrees
-    within 2% (measured: 0.5% over 102 steps), far tighter than the 6.2 -> ~2 the loss moves."""
+    within 2% (measured: 1.1% over 102 steps, 2.115 vs 2.091), far tighter than the 6.2 -> ~2 the loss moves."""
     one = write_recipe(tmp_path / "one.yaml", tmp_path / "one", {"sft": tiny_sft_stage(tiny_model, epochs=1)})
     two = write_recipe(tmp_path / "two.yaml", tmp_path / "two",
                        {"sft": tiny_sft_stage(tiny_model, epochs=1, batch_size=8)})
@@ -133,7 +133,10 @@ def test_reward_kto_and_rloo_on_two_ranks_share_their_batches(tiny_model, tmp_pa
     assert prompts_seen == pytest.approx(3 * 2 * 8 / 4, abs=0.01)
     for name in m:
         assert read(tmp_path / "out" / name / "manifest.json")["world_size"] == 2
-    assert m["reward"]["eval_accuracy"] > m["reward"]["eval_accuracy_before"]
+    # learning on the held-out pairs: the loss, not the accuracy, which can start at its ceiling (a CI run whose
+    # old row-index split held out 4 pairs measured 1.0 before and after)
+    assert m["reward"]["eval_loss"] < m["reward"]["eval_loss_before"]
+    assert m["reward"]["eval_pairs"] >= 20
 
 
 @pytest.fixture(scope="module")
