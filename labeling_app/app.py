@@ -12,9 +12,9 @@ JavaScript (Gradio js-only events whose return value fills the outputs). Measure
 cores with 32 annotators, the same vote handler answered through a Gradio event cost
 ~9 ms more CPU per vote than through a plain route, and the 100 votes/s target was out
 of reach. The routes take Gradio's session cookie, so login is still Gradio's, and they
-accept only `application/json`, which a cross-site form cannot send without a CORS
-preflight that nothing here answers. The load test and the benchmark call these same
-routes (`LabelingClient`).
+accept only `application/json`. Requests from other sites are refused with 403 before any
+route sees them, and only origins on `--allow-origin` get CORS headers (`siteguard.py`).
+The load test and the benchmark call these same routes (`LabelingClient`).
 
 Gradio endpoints (api names): `load` (what the page calls when it opens), `vote` and
 `undo` (the same handlers, for gradio_client scripts), `admin_report`, `export` (admins).
@@ -34,10 +34,12 @@ import gradio as gr
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Mount
 
 from align.errors import AlignError
 from labeling_app import export
+from labeling_app.siteguard import SiteGuard
 from labeling_app.admin import build_report, report_markdown
 from labeling_app.passwords import verify_password
 from labeling_app.render import markdown_html, prompt_html
@@ -149,8 +151,9 @@ class UndoBody(BaseModel):
 
 class LabelingApp:
     def __init__(self, store: LabelStore, overlap: int = 3, lease_seconds: float = 600.0,
-                 guidelines: str = DEFAULT_GUIDELINES):
+                 guidelines: str = DEFAULT_GUIDELINES, allow_origins: tuple[str, ...] = ()):
         self.store = store
+        self.allow_origins = tuple(allow_origins)  # other sites' pages allowed to call the app (CORS)
         self.overlap = overlap
         self.lease_seconds = lease_seconds
         self.guidelines = guidelines
@@ -272,6 +275,11 @@ class LabelingApp:
                             head=KEYBOARD_JS, css=CSS, footer_links=[],
                             auth_message="Sign in with the name and password your admin gave you.")
         self._gradio = next(route.app for route in server.routes if isinstance(route, Mount))
+        # An explicit CORS allow-list on the outer app (Gradio's own, which allows any origin with credentials,
+        # steps aside when its parent configures CORS), then the cross-site guard outside everything.
+        server.add_middleware(CORSMiddleware, allow_origins=list(self.allow_origins), allow_credentials=True,
+                              allow_methods=["GET", "POST"], allow_headers=["content-type"])
+        server.add_middleware(SiteGuard, allow_origins=self.allow_origins)
         return server
 
     def blocks(self) -> gr.Blocks:
@@ -354,10 +362,11 @@ class LabelingApp:
 
 
 def serve(store: LabelStore, host: str = "127.0.0.1", port: int = 7860, overlap: int = 3,
-          lease_seconds: float = 600.0, guidelines: str = DEFAULT_GUIDELINES) -> None:
+          lease_seconds: float = 600.0, guidelines: str = DEFAULT_GUIDELINES,
+          allow_origins: tuple[str, ...] = ()) -> None:
     """Run the app until interrupted. Logging in is required for every page and route."""
     import uvicorn
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    server = LabelingApp(store, overlap, lease_seconds, guidelines).server()
+    server = LabelingApp(store, overlap, lease_seconds, guidelines, allow_origins).server()
     uvicorn.run(server, host=host, port=port, log_level="warning")

@@ -67,6 +67,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     serve.add_argument("--guidelines", metavar="FILE", help="markdown file shown in the guidelines panel")
     serve.add_argument("--overlap", type=int, default=3, metavar="K",
                        help="independent votes each pair collects (default 3)")
+    serve.add_argument("--allow-origin", action="append", default=[], metavar="URL",
+                       help="another site whose pages may call the app with an annotator's cookie (CORS), e.g. "
+                            "https://tools.example.com; repeatable. Default none: requests from other sites are "
+                            "refused with 403")
     serve.add_argument("--lease-minutes", type=float, default=10.0,
                        help="a pair handed out and not voted on within this time goes back to the pool "
                             "(default 10)")
@@ -199,6 +203,12 @@ def cmd_serve(args) -> int:
         raise AlignError(f"--port must be between 1 and 65535, got {args.port}")
     if args.lease_minutes <= 0:
         raise AlignError(f"--lease-minutes must be more than 0, got {args.lease_minutes}")
+    from labeling_app.siteguard import normalize_origin
+
+    for origin in args.allow_origin:
+        if not normalize_origin(origin) or normalize_origin(origin) != origin.rstrip("/").lower():
+            raise AlignError(f"--allow-origin {origin}: expected an origin such as https://tools.example.com "
+                             "(scheme, host and port only)")
     guidelines = None
     if args.guidelines:
         try:
@@ -214,7 +224,8 @@ def cmd_serve(args) -> int:
 
         print(f"labeling app on http://{args.host}:{args.port} ({counts['pairs']} pairs, {args.overlap} votes "
               f"per pair, {counts['users']} users); Ctrl+C stops it", flush=True)
-        serve(store, args.host, args.port, args.overlap, args.lease_minutes * 60, guidelines or DEFAULT_GUIDELINES)
+        serve(store, args.host, args.port, args.overlap, args.lease_minutes * 60, guidelines or DEFAULT_GUIDELINES,
+              tuple(args.allow_origin))
     finally:
         store.close()
     return 0

@@ -175,3 +175,92 @@ def test_sigkill_mid_load_then_restart_loses_no_acknowledged_vote(tmp_path):
     assert set(result.acked) <= stored  # every acknowledged vote survived the kill
     assert len(stored) == len(result.acked) == 32 * VOTES_EACH  # and retries across the restart counted once
     assert all(p.filled <= OVERLAP for p in pairs)
+
+
+EVIL = "https://evil.example"
+
+
+def logged_in_client(url: str, user: str) -> httpx.Client:
+    client = httpx.Client(base_url=url)
+    assert client.post("/login", data={"username": user, "password": PASSWORD}).status_code == 200
+    return client
+
+
+def test_cross_site_requests_are_refused_and_store_nothing(server):
+    """Issue #12's probe, repeated: behind a real host name, a page on another site holding only the annotator's
+    cookie gets no session token, no CORS headers and no vote; same-site requests (an `Origin` naming the host
+    the request was sent to, as a proxy forwards it) and clients that send no `Origin` keep working."""
+    with store_of(server) as store:
+        store.add_user("carol", hash_password(PASSWORD))
+    carol = logged_in_client(server.url, "carol")
+    page = LabelingClient(server.url, "carol", PASSWORD)
+    page.login()
+    pid = page.load().presentation_id
+    proxied = {"Host": "labels.example.com"}
+
+    token = carol.get("/gradio_api/token", headers={**proxied, "Origin": EVIL})
+    assert token.status_code == 403 and "token" not in token.text
+    assert "access-control-allow-origin" not in token.headers
+    preflight = carol.options("/label/api/vote", headers={"Origin": EVIL, "Access-Control-Request-Method": "POST",
+                                                          "Access-Control-Request-Headers": "content-type"})
+    assert preflight.status_code == 403 and "access-control-allow-origin" not in preflight.headers
+    body = {"presentation_id": pid, "choice": "left", "reason": "forged"}
+    assert carol.post("/label/api/vote", json=body, headers={"Origin": EVIL}).status_code == 403
+    assert carol.post("/gradio_api/run/vote", json={"data": [pid, "left", "forged"]},
+                      headers={"Origin": EVIL}).status_code == 403
+    assert carol.post("/label/api/vote", json=body, headers={"Origin": "null"}).status_code == 403
+    # no Origin, but the browser says the request crossed sites (a form POST): refused; a GET navigation is not
+    assert carol.post("/label/api/vote", json=body, headers={"Sec-Fetch-Site": "cross-site"}).status_code == 403
+    assert carol.get("/", headers={"Sec-Fetch-Site": "cross-site"}).status_code == 200
+    assert httpx.post(server.url + "/login", data={"username": "carol", "password": PASSWORD},
+                      headers={"Origin": EVIL}).status_code == 403
+    with store_of(server) as store:
+        assert store.votes("carol") == []
+
+    proxied_same_site = carol.get("/gradio_api/token", headers={**proxied, "Origin": "https://labels.example.com"})
+    assert proxied_same_site.status_code == 200  # past the guard (Gradio ties its cookie to the host it set it on)
+    same_site = carol.get("/gradio_api/token", headers={"Origin": server.url})
+    assert same_site.status_code == 200 and "token" in same_site.json()  # over plain HTTP Gradio answers None
+    saved = carol.post("/label/api/vote", json=body, headers={"Origin": server.url})
+    assert saved.status_code == 200 and saved.json()["status"] == "Saved."
+    with store_of(server) as store:
+        (vote,) = store.votes("carol")
+    assert vote.vote_id == pid and vote.reason == "forged"
+
+
+def test_every_response_carries_the_security_headers(server):
+    anonymous = httpx.Client(base_url=server.url)
+    for response in (anonymous.get("/"), anonymous.get("/config"), anonymous.get("/", headers={"Origin": EVIL})):
+        assert response.headers["content-security-policy"] == "frame-ancestors 'none'"
+        assert response.headers["x-frame-options"] == "DENY"
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["referrer-policy"] == "same-origin"
+
+
+def test_an_allowed_origin_gets_cors_and_others_still_do_not(tmp_path):
+    db = tmp_path / "labels.sqlite"
+    seed_database(db, ["ann"], pairs=4)
+    tools = "https://tools.example.com"
+    with ServerProcess(db, extra=["--allow-origin", tools]) as running:
+        ann = logged_in_client(running.url, "ann")
+        preflight = ann.options("/label/api/vote", headers={"Origin": tools, "Access-Control-Request-Method": "POST",
+                                                            "Access-Control-Request-Headers": "content-type"})
+        assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == tools
+        token = ann.get("/gradio_api/token", headers={"Origin": tools})
+        assert token.status_code == 200 and token.headers["access-control-allow-origin"] == tools
+        assert token.headers["access-control-allow-credentials"] == "true"
+        refused = ann.get("/gradio_api/token", headers={"Origin": EVIL})
+        assert refused.status_code == 403 and "access-control-allow-origin" not in refused.headers
+
+
+@pytest.mark.parametrize("origin", ["tools.example.com", "https://tools.example.com/path", "null"])
+def test_allow_origin_takes_an_origin_only(tmp_path, origin):
+    import subprocess
+    import sys
+
+    db = tmp_path / "labels.sqlite"
+    seed_database(db, ["ann"], pairs=1)
+    done = subprocess.run([sys.executable, "-m", "labeling_app", "serve", "--db", str(db), "--allow-origin", origin],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert f"--allow-origin {origin}: expected an origin such as https://tools.example.com" in done.stderr

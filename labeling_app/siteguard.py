@@ -1,0 +1,110 @@
+"""Cross-site requests refused, and the security headers every response carries.
+
+Gradio answers any `Origin` with `Access-Control-Allow-Credentials: true` unless the app it is
+mounted in configures CORS itself (its `CustomCORSMiddleware` steps aside then), so a page on
+another site could read `/gradio_api/token` with an annotator's cookie and vote as them. Two
+layers stop that, on the outer FastAPI app that holds both the Gradio mount and the vote routes:
+
+- `SiteGuard` (outermost): a request whose `Origin` is neither this server's own host (as the
+  request names it: `Host`, or `X-Forwarded-Host` behind a proxy) nor on the allow-list gets 403
+  before anything reads it, whatever its method: browsers send `Origin` on cross-origin fetches
+  and on every POST, never on a plain navigation, so same-site pages, `gradio_client`, `curl`
+  and the JSON clients (which send no `Origin`) are untouched. A request with no `Origin` whose
+  `Sec-Fetch-Site` says `cross-site` is refused when its method changes something (a form POST
+  from an old browser). A link from another site still opens the page (a GET navigation).
+- Starlette's `CORSMiddleware` with an explicit allow-list (empty by default; `align label serve
+  --allow-origin URL` adds one): only listed origins get `Access-Control-Allow-Origin`.
+
+Every response also carries `Content-Security-Policy: frame-ancestors 'none'` and `X-Frame-Options:
+DENY` (no framing: clickjacking), `X-Content-Type-Options: nosniff` and `Referrer-Policy: same-origin`.
+"""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import urlsplit
+
+from starlette.datastructures import Headers, MutableHeaders
+
+UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+}
+
+
+def normalize_origin(origin: str) -> str:
+    """`scheme://host[:port]`, lower case, default ports dropped; '' for what is not an origin ("null")."""
+    parts = urlsplit(origin.strip().lower())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return ""
+    default = {"http": 80, "https": 443}[parts.scheme]
+    port = f":{parts.port}" if parts.port and parts.port != default else ""
+    return f"{parts.scheme}://{parts.hostname}{port}"
+
+
+def _host_of(origin: str) -> str:
+    """`host[:port]` of a normalized origin, with the default port dropped, as a `Host` header writes it."""
+    return origin.split("://", 1)[1] if origin else ""
+
+
+def _request_hosts(headers: Headers) -> set[str]:
+    """The names this request gives the server: `Host`, and `X-Forwarded-Host` set by a proxy in front."""
+    names = {headers.get("host", "")}
+    names.update(h.strip() for h in headers.get("x-forwarded-host", "").split(","))
+    out = set()
+    for name in filter(None, (n.strip().lower() for n in names)):
+        host, _, port = name.partition(":")
+        out.add(host if port in ("", "80", "443") else name)
+    return out
+
+
+def is_foreign(headers: Headers, method: str, allowed: frozenset[str]) -> bool:
+    """Whether a request comes from another site: see the module's docstring."""
+    origin = headers.get("origin")
+    if origin is not None:
+        normalized = normalize_origin(origin)
+        return not normalized or (normalized not in allowed and _host_of(normalized) not in _request_hosts(headers))
+    return headers.get("sec-fetch-site") == "cross-site" and method in UNSAFE_METHODS
+
+
+class SiteGuard:
+    """ASGI middleware: 403 for cross-site requests, security headers on every response."""
+
+    def __init__(self, app, allow_origins: tuple[str, ...] = ()):
+        self.app = app
+        self.allowed = frozenset(filter(None, map(normalize_origin, allow_origins)))
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        if is_foreign(headers, scope.get("method", "GET"), self.allowed):
+            await self.refuse(scope, send)
+            return
+        if scope["type"] == "websocket":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                response_headers = MutableHeaders(scope=message)
+                for name, value in SECURITY_HEADERS.items():
+                    response_headers[name] = value
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+    @staticmethod
+    async def refuse(scope, send) -> None:
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        body = json.dumps({"error": "cross-site request refused"}).encode()
+        await send({"type": "http.response.start", "status": 403,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                *((k.lower().encode(), v.encode()) for k, v in SECURITY_HEADERS.items())]})
+        await send({"type": "http.response.body", "body": body})
