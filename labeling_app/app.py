@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -139,10 +140,15 @@ class LabelView:
         return asdict(self)
 
 
+MAX_REASON = 2000  # characters of a vote's reason, on every path (JSON route, Gradio endpoint)
+EXPORT_HOURS = 1.0  # an export file is deleted this long after it was written
+EXPORT_NAME = re.compile(r"(preferences|raw|kto)-\d{8}-\d{6}\.jsonl")
+
+
 class VoteBody(BaseModel):
     presentation_id: str = Field(max_length=64)
     choice: Literal["left", "right", "tie", "both_bad", "skip"]
-    reason: str = Field("", max_length=2000)
+    reason: str = Field("", max_length=MAX_REASON)
 
 
 class UndoBody(BaseModel):
@@ -182,6 +188,9 @@ class LabelingApp:
             raise ValueError(f"choice must be one of {CHOICES}, got {picked!r}")
         if not presentation_id:
             return self.view(user, "Nothing to vote on.")
+        if len(reason or "") > MAX_REASON:
+            return self.view(user, f"Not saved: the reason is {len(reason)} characters, at most {MAX_REASON}. "
+                                   "Shorten it and vote again.")
         outcome = self.store.record_vote(user, presentation_id, picked, reason or "", self.overlap,
                                          self.lease_seconds)
         return self.view(user, STATUS[outcome.status], outcome.next)
@@ -208,18 +217,37 @@ class LabelingApp:
 
     def export(self, kind: str, min_votes: float, min_agreement: float, user: str) -> str:
         self.require_admin(user)
+        if kind not in ("preferences", "raw", "kto"):
+            raise gr.Error("Export: expected preferences, raw or kto.", print_exception=False)
+        try:
+            min_votes, min_agreement = int(min_votes), float(min_agreement)
+        except (TypeError, ValueError):
+            raise gr.Error("Export: 'min votes' and 'min agreement' must be numbers.", print_exception=False) from None
         self._exports = self._exports or tempfile.mkdtemp(prefix="align-label-export-")
+        self.sweep_exports()
         out = os.path.join(self._exports, f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
         try:
             if kind == "raw":
                 export.export_raw(self.store, out)
             elif kind == "kto":
-                export.export_kto(self.store, out, int(min_votes), float(min_agreement))
+                export.export_kto(self.store, out, min_votes, min_agreement)
             else:
-                export.export_preferences(self.store, out, int(min_votes), float(min_agreement))
+                export.export_preferences(self.store, out, min_votes, min_agreement)
         except AlignError as e:
             raise gr.Error(str(e), print_exception=False) from None
         return out
+
+    def sweep_exports(self, now: float | None = None) -> None:
+        """Delete export files older than EXPORT_HOURS: ours, and the copies Gradio's file cache serves."""
+        from gradio.utils import get_upload_folder
+
+        now = time.time() if now is None else now
+        for folder in filter(None, (self._exports, get_upload_folder())):
+            for root, _, names in os.walk(folder):
+                for name in filter(EXPORT_NAME.fullmatch, names):
+                    path = os.path.join(root, name)
+                    if now - os.path.getmtime(path) > EXPORT_HOURS * 3600:
+                        os.remove(path)
 
     # -- sessions
 
@@ -271,10 +299,11 @@ class LabelingApp:
         # waiting up to 50 ms to start costs them nothing.
         if hasattr(demo._queue, "sleep_when_free"):
             demo._queue.sleep_when_free = demo._queue.progress_update_sleep_when_free = 0.05
-        gr.mount_gradio_app(server, demo, path="/", auth=self.login, ssr_mode=False, show_error=True,
+        gr.mount_gradio_app(server, demo, path="/", auth=self.login, ssr_mode=False, show_error=False,
                             head=KEYBOARD_JS, css=CSS, footer_links=[],
                             auth_message="Sign in with the name and password your admin gave you.")
         self._gradio = next(route.app for route in server.routes if isinstance(route, Mount))
+        server.add_middleware(AdminFiles, labeling=self)
         # An explicit CORS allow-list on the outer app (Gradio's own, which allows any origin with credentials,
         # steps aside when its parent configures CORS), then the cross-site guard outside everything.
         server.add_middleware(CORSMiddleware, allow_origins=list(self.allow_origins), allow_credentials=True,
@@ -359,6 +388,25 @@ class LabelingApp:
             refresh.click(refresh_report, None, report, api_name="admin_report")
             export_button.click(export_votes, [kind, min_votes, min_agreement], exported, api_name="export")
         return demo
+
+
+class AdminFiles:
+    """ASGI middleware: Gradio's file route serves what handlers return, here only exports (the annotator page has
+    no file), so it is for admins alone; an hour-old export is deleted before any file is served."""
+
+    def __init__(self, app, labeling: LabelingApp):
+        self.app, self.labeling = app, labeling
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and "/file=" in scope["path"]:
+            await anyio.to_thread.run_sync(self.labeling.sweep_exports)
+            user = self.labeling.session_user(Request(scope))
+            account = await anyio.to_thread.run_sync(self.labeling.store.user, user) if user else None
+            if account is None or not account.is_admin:
+                response = JSONResponse({"error": "files (exports) are for admins only"}, status_code=403)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def serve(store: LabelStore, host: str = "127.0.0.1", port: int = 7860, overlap: int = 3,

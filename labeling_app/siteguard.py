@@ -1,4 +1,4 @@
-"""Cross-site requests refused, and the security headers every response carries.
+"""Cross-site requests refused, request limits, and the security headers every response carries.
 
 Gradio answers any `Origin` with `Access-Control-Allow-Credentials: true` unless the app it is
 mounted in configures CORS itself (its `CustomCORSMiddleware` steps aside then), so a page on
@@ -15,6 +15,10 @@ layers stop that, on the outer FastAPI app that holds both the Gradio mount and 
 - Starlette's `CORSMiddleware` with an explicit allow-list (empty by default; `align label serve
   --allow-origin URL` adds one): only listed origins get `Access-Control-Allow-Origin`.
 
+Limits, before any route reads a byte: a body over `MAX_BODY` (64 KB; a vote is a few hundred bytes) gets 413,
+from its `Content-Length` or, for a chunked body, as soon as it grows past the limit; uploads (Gradio's
+`/upload` routes: the app has no file input) get 403.
+
 Every response also carries `Content-Security-Policy: frame-ancestors 'none'` and `X-Frame-Options:
 DENY` (no framing: clickjacking), `X-Content-Type-Options: nosniff` and `Referrer-Policy: same-origin`.
 """
@@ -27,6 +31,7 @@ from urllib.parse import urlsplit
 from starlette.datastructures import Headers, MutableHeaders
 
 UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
+MAX_BODY = 64 * 1024
 SECURITY_HEADERS = {
     "Content-Security-Policy": "frame-ancestors 'none'",
     "X-Frame-Options": "DENY",
@@ -73,9 +78,10 @@ def is_foreign(headers: Headers, method: str, allowed: frozenset[str]) -> bool:
 class SiteGuard:
     """ASGI middleware: 403 for cross-site requests, security headers on every response."""
 
-    def __init__(self, app, allow_origins: tuple[str, ...] = ()):
+    def __init__(self, app, allow_origins: tuple[str, ...] = (), max_body: int = MAX_BODY):
         self.app = app
         self.allowed = frozenset(filter(None, map(normalize_origin, allow_origins)))
+        self.max_body = max_body
 
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket"):
@@ -88,6 +94,18 @@ class SiteGuard:
         if scope["type"] == "websocket":
             await self.app(scope, receive, send)
             return
+        if scope["path"].rstrip("/").endswith("/upload"):
+            await self.refuse(scope, send, 403, "uploads are off: this app takes no files")
+            return
+        declared = headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
+            await self.refuse(scope, send, 413, f"request body over {self.max_body} bytes")
+            return
+        if declared is None and scope.get("method") in UNSAFE_METHODS:
+            receive = await self.buffered(receive)
+            if receive is None:
+                await self.refuse(scope, send, 413, f"request body over {self.max_body} bytes")
+                return
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
@@ -98,13 +116,34 @@ class SiteGuard:
 
         await self.app(scope, receive, send_with_headers)
 
+    async def buffered(self, receive):
+        """A body sent without a length (chunked), read up to the limit: a `receive` that replays it, or None
+        once it grows past the limit."""
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > self.max_body:
+                return None
+            if not message.get("more_body"):
+                break
+        replay = iter(messages)
+
+        async def replayed():
+            return next(replay, None) or await receive()
+
+        return replayed
+
     @staticmethod
-    async def refuse(scope, send) -> None:
+    async def refuse(scope, send, status: int = 403, why: str = "cross-site request refused") -> None:
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
             return
-        body = json.dumps({"error": "cross-site request refused"}).encode()
-        await send({"type": "http.response.start", "status": 403,
+        body = json.dumps({"error": why}).encode()
+        await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 *((k.lower().encode(), v.encode()) for k, v in SECURITY_HEADERS.items())]})
         await send({"type": "http.response.body", "body": body})

@@ -1,6 +1,7 @@
 """The real labeling server in a child process: gradio_client, isolation, 32 annotators, SIGKILL."""
 
 import json
+import re
 import threading
 import time
 
@@ -264,3 +265,76 @@ def test_allow_origin_takes_an_origin_only(tmp_path, origin):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and done.stderr.count("\n") == 1
     assert f"--allow-origin {origin}: expected an origin such as https://tools.example.com" in done.stderr
+
+
+def test_limits_hold_on_every_path(server):
+    """A reason over 2000 characters is refused by the JSON route (422) and by the Gradio endpoint (our message,
+    nothing stored); a body over 64 KB gets 413 from its Content-Length or, chunked, as it grows; uploads are off."""
+    from gradio_client import Client
+
+    with store_of(server) as store:
+        store.add_user("dave", hash_password(PASSWORD))
+    dave = logged_in_client(server.url, "dave")
+    page = LabelingClient(server.url, "dave", PASSWORD)
+    page.login()
+    pid = page.load().presentation_id
+    long_reason = "x" * 2001
+    assert dave.post("/label/api/vote", json={"presentation_id": pid, "choice": "left",
+                                              "reason": long_reason}).status_code == 422
+    via_gradio = Client(server.url, auth=("dave", PASSWORD), verbose=False).predict(pid, "left", long_reason,
+                                                                                    api_name="/vote")
+    assert via_gradio["status"].startswith("Not saved: the reason is 2001 characters, at most 2000.")
+    with store_of(server) as store:
+        assert store.votes("dave") == []
+
+    big = b'{"presentation_id": "' + b"x" * (64 * 1024) + b'", "choice": "left"}'
+    declared = dave.post("/label/api/vote", content=big, headers={"Content-Type": "application/json"})
+    assert declared.status_code == 413
+
+    def chunks():
+        for i in range(0, len(big), 4096):
+            yield big[i:i + 4096]
+
+    chunked = dave.post("/label/api/vote", content=chunks(), headers={"Content-Type": "application/json"})
+    assert chunked.status_code == 413
+    parts = [b'{"presentation_id": "', pid.encode(), b'", "choice": "left"}']
+    small = dave.post("/label/api/vote", content=iter(parts), headers={"Content-Type": "application/json"})
+    assert small.status_code == 200 and small.json()["status"] == "Saved."  # a chunked body under the limit is read
+    upload = dave.post("/gradio_api/upload", files={"files": ("a.txt", b"hello")})
+    assert upload.status_code == 403
+
+
+def test_exports_are_for_admins_and_expire(server):
+    """Gradio serves an export through its file route from a cached copy: that route is for admins alone (the
+    annotator page has no file); an export an hour old is deleted, ours and the cached copy, and not served."""
+    import glob
+    import os
+
+    from gradio.utils import get_upload_folder
+    from gradio_client import Client
+
+    admin = Client(server.url, auth=("root", ADMIN_PASSWORD), verbose=False)
+    downloaded = os.path.realpath(admin.predict("raw", 1, 0, api_name="/export"))
+    name = os.path.basename(downloaded)
+    [ours] = glob.glob(f"/tmp/align-label-export-*/{name}")
+    copies = {os.path.realpath(p) for p in glob.glob(os.path.join(get_upload_folder(), "*", name))}
+    [cached] = copies - {downloaded} or copies  # gradio_client downloads into the same temp folder by default
+    url = f"/gradio_api/file={cached}"
+    ann = logged_in_client(server.url, "ann")
+    refused = ann.get(url)
+    assert refused.status_code == 403 and "admins only" in refused.text
+    root = httpx.Client(base_url=server.url)
+    assert root.post("/login", data={"username": "root", "password": ADMIN_PASSWORD}).status_code == 200
+    served = root.get(url)
+    assert served.status_code == 200 and served.content == open(ours, "rb").read()
+    for path in (ours, cached):
+        hour_ago = os.path.getmtime(path) - 3700
+        os.utime(path, (hour_ago, hour_ago))
+    assert root.get(url).status_code != 200
+    assert not os.path.exists(ours) and not os.path.exists(cached)
+
+    # one line each, no Python exception text: ours for a missing number, Gradio's own for an unknown kind
+    for args, why in ((("preferences", None, 0.5), "Export: 'min votes' and 'min agreement' must be numbers."),
+                      (("../../x", 1, 0.5), "is not in the list of choices")):
+        with pytest.raises(Exception, match=re.escape(why)):
+            admin.predict(*args, api_name="/export")
