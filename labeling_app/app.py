@@ -22,11 +22,12 @@ Gradio endpoints (api names): `load` (what the page calls when it opens), `vote`
 
 from __future__ import annotations
 
-import asyncio
+import logging
 import os
 import re
 import tempfile
 import time
+from functools import partial
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -39,12 +40,14 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Mount
 
 from align.errors import AlignError
-from labeling_app import export
+from labeling_app import export, throttle
 from labeling_app.siteguard import SiteGuard
 from labeling_app.admin import build_report, report_markdown
 from labeling_app.passwords import verify_password
 from labeling_app.render import markdown_html, prompt_html
 from labeling_app.store import CHOICES, LabelStore, Presentation
+
+log = logging.getLogger("align")
 
 # button label, element id, choice, keyboard shortcut(s)
 BUTTONS = [
@@ -165,6 +168,7 @@ class LabelingApp:
         self.guidelines = guidelines
         self._gradio = None  # the mounted Gradio app, whose sessions the vote routes trust
         self._exports: str | None = None  # a folder of our own for export files Gradio then serves
+        self._hashing: anyio.Lock | None = None  # logins one at a time (made inside the event loop)
 
     # -- what an annotator sees and does
 
@@ -252,12 +256,28 @@ class LabelingApp:
     # -- sessions
 
     async def login(self, username: str, password: str) -> bool:
-        # scrypt takes ~90 ms: off the event loop, so a login never stalls other annotators' votes.
-        account = await anyio.to_thread.run_sync(self.store.user, username)
-        ok = await anyio.to_thread.run_sync(verify_password, password, account.password_hash if account else None)
-        if not ok:
-            await asyncio.sleep(1.0)  # a password guesser gets one try per second per connection
-        return ok
+        """Gradio's auth function, throttled (`throttle.py`). Logins run one at a time: the verdict, scrypt (~90 ms,
+        off the event loop) and the failure it may record, so parallel guesses each see the ones before them."""
+        address = throttle.CLIENT_ADDRESS.get()
+        self._hashing = self._hashing or anyio.Lock()
+        async with self._hashing:
+            now = time.time()
+            since = now - throttle.WINDOW
+            verdict = throttle.decide(
+                await anyio.to_thread.run_sync(partial(self.store.login_failures, since, name=username)),
+                await anyio.to_thread.run_sync(partial(self.store.login_failures, since, address=address)), now)
+            if not verdict.allowed:
+                why = "locked (too many failed logins)" if verdict.locked else "backing off"
+                log.warning("login for %r from %s refused: %s for %.0f s more", username, address, why, verdict.wait)
+                return False
+            account = await anyio.to_thread.run_sync(self.store.user, username)
+            ok = await anyio.to_thread.run_sync(verify_password, password,
+                                                account.password_hash if account else None)
+            if ok:
+                await anyio.to_thread.run_sync(self.store.clear_login_failures, username)
+            else:
+                await anyio.to_thread.run_sync(self.store.record_login_failure, username, address, time.time())
+            return ok
 
     def session_user(self, request: Request) -> str | None:
         """The user Gradio's /login gave this request's cookie to (as Gradio's own routes look it up)."""
@@ -308,6 +328,7 @@ class LabelingApp:
         # steps aside when its parent configures CORS), then the cross-site guard outside everything.
         server.add_middleware(CORSMiddleware, allow_origins=list(self.allow_origins), allow_credentials=True,
                               allow_methods=["GET", "POST"], allow_headers=["content-type"])
+        server.add_middleware(throttle.ClientAddress)
         server.add_middleware(SiteGuard, allow_origins=self.allow_origins)
         return server
 

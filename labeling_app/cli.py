@@ -94,7 +94,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _add_users_parser(sub) -> None:
-    """`align label users add | passwd | list | remove`."""
+    """`align label users add | passwd | list | remove | unlock`."""
     users = sub.add_parser("users", help="add, list and remove annotator accounts",
                            description="Annotator accounts. Passwords are stored as salted scrypt hashes, "
                                        "never in clear. Logging in is required for every page of the app.")
@@ -119,6 +119,12 @@ def _add_users_parser(sub) -> None:
                                               "server; the votes it cast stay in the database and in exports.")
     remove.add_argument("name", help="login name")
     remove.add_argument("--db", default="labels.sqlite", help=DB_HELP)
+    unlock = users_sub.add_parser("unlock", help="clear an account's failed logins (lifts a lockout)",
+                                  description="Forget an account's failed logins: 10 within 15 minutes lock it for "
+                                              "15 minutes, and each one lengthens the wait before the next try. "
+                                              "Takes effect at once, even on a running server.")
+    unlock.add_argument("name", help="login name")
+    unlock.add_argument("--db", default="labels.sqlite", help=DB_HELP)
 
 
 def run(args) -> int:
@@ -158,7 +164,7 @@ def cmd_users(args) -> int:
 
     action = args.users_command
     if action is None:
-        raise AlignError("label users: expected an action: add, list, remove or passwd")
+        raise AlignError("label users: expected an action: add, list, remove, passwd or unlock")
     if action in ("add", "passwd"):
         _check_name(args.name)
         if action == "add":
@@ -178,6 +184,11 @@ def cmd_users(args) -> int:
         if action == "remove":
             store.remove_user(args.name)
             print(f"removed '{args.name}' from {args.db}; their votes stay")
+            return 0
+        if action == "unlock":
+            if store.user(args.name) is None:
+                raise AlignError(f"no user '{args.name}' in {args.db}")
+            print(f"unlocked '{args.name}': {store.clear_login_failures(args.name)} failed logins forgotten")
             return 0
         votes = {}
         for vote in store.votes():

@@ -93,9 +93,21 @@ CREATE INDEX votes_by_pair ON votes (pair_id);
 CREATE INDEX votes_by_time ON votes (annotator, voted_at);
 """
 
+# Failed logins, by account name (whether or not it exists) and client address: the backoff and the lockout
+# read them, so a restart forgets neither and `align label users unlock NAME` clears an account's.
+_V2 = """
+CREATE TABLE login_failures (
+    name TEXT NOT NULL,
+    address TEXT NOT NULL,
+    at REAL NOT NULL
+);
+CREATE INDEX login_failures_by_name ON login_failures (name, at);
+CREATE INDEX login_failures_by_address ON login_failures (address, at)
+"""
+
 # MIGRATIONS[i] takes a database from version i to i+1: SQL statements split on ';' (so none
 # inside a string or comment), run in one transaction with the version bump.
-MIGRATIONS = [_V1]
+MIGRATIONS = [_V1, _V2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -274,6 +286,25 @@ class LabelStore:
             if not db.execute("DELETE FROM users WHERE name = ?", (name,)).rowcount:
                 raise AlignError(f"no user '{name}' in {self.path}")
             db.execute("DELETE FROM leases WHERE annotator = ?", (name,))
+
+    # -- failed logins
+
+    def record_login_failure(self, name: str, address: str, at: float | None = None) -> None:
+        with self._write() as db:
+            db.execute("INSERT INTO login_failures (name, address, at) VALUES (?, ?, ?)",
+                       (name, address, time.time() if at is None else at))
+
+    def login_failures(self, since: float, name: str | None = None, address: str | None = None) -> list[float]:
+        """Times (ascending) of the failed logins since `since` for an account name or a client address."""
+        column, value = ("name", name) if name is not None else ("address", address)
+        rows = self._db().execute(f"SELECT at FROM login_failures WHERE {column} = ? AND at >= ? ORDER BY at",
+                                  (value, since))
+        return [r[0] for r in rows]
+
+    def clear_login_failures(self, name: str) -> int:
+        """Forget an account's failed logins (after a good one, or `users unlock`); how many there were."""
+        with self._write() as db:
+            return db.execute("DELETE FROM login_failures WHERE name = ?", (name,)).rowcount
 
     def user(self, name: str) -> User | None:
         row = self._db().execute("SELECT * FROM users WHERE name = ?", (name,)).fetchone()
