@@ -1,6 +1,7 @@
 """The annotator's page and the admin view: a Gradio app over `LabelStore`, served by uvicorn.
 
-Who is asking always comes from the session Gradio created at login (its cookie), never
+Who is asking always comes from the session the app created at login (its cookie, a row
+in the label database: `sessions.py`; Gradio learns it through `auth_dependency`), never
 from a request's arguments, so one annotator cannot act as another. The admin handlers
 check the admin flag in the store on every call: hiding the tab is cosmetic, not the guard.
 Responses reach the browser as HTML rendered on the server with raw HTML escaped
@@ -11,8 +12,8 @@ and `POST /label/api/undo`, and the page's buttons call them with a few lines of
 JavaScript (Gradio js-only events whose return value fills the outputs). Measured on 2
 cores with 32 annotators, the same vote handler answered through a Gradio event cost
 ~9 ms more CPU per vote than through a plain route, and the 100 votes/s target was out
-of reach. The routes take Gradio's session cookie, so login is still Gradio's, and they
-accept only `application/json`. Requests from other sites are refused with 403 before any
+of reach. The routes take the same session cookie as the page, and they accept only
+`application/json`. Requests from other sites are refused with 403 before any
 route sees them, and only origins on `--allow-origin` get CORS headers (`siteguard.py`).
 The load test and the benchmark call these same routes (`LabelingClient`).
 
@@ -37,10 +38,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.middleware.cors import CORSMiddleware
-from starlette.routing import Mount
 
 from align.errors import AlignError
-from labeling_app import export, throttle
+from labeling_app import export, sessions, throttle
 from labeling_app.siteguard import SiteGuard
 from labeling_app.admin import build_report, report_markdown
 from labeling_app.passwords import verify_password
@@ -160,13 +160,14 @@ class UndoBody(BaseModel):
 
 class LabelingApp:
     def __init__(self, store: LabelStore, overlap: int = 3, lease_seconds: float = 600.0,
-                 guidelines: str = DEFAULT_GUIDELINES, allow_origins: tuple[str, ...] = ()):
+                 guidelines: str = DEFAULT_GUIDELINES, allow_origins: tuple[str, ...] = (), https: bool = False,
+                 session_idle: float = sessions.IDLE, session_lifetime: float = sessions.LIFETIME):
         self.store = store
+        self.https, self.session_idle, self.session_lifetime = https, session_idle, session_lifetime
         self.allow_origins = tuple(allow_origins)  # other sites' pages allowed to call the app (CORS)
         self.overlap = overlap
         self.lease_seconds = lease_seconds
         self.guidelines = guidelines
-        self._gradio = None  # the mounted Gradio app, whose sessions the vote routes trust
         self._exports: str | None = None  # a folder of our own for export files Gradio then serves
         self._hashing: anyio.Lock | None = None  # logins one at a time (made inside the event loop)
 
@@ -280,11 +281,10 @@ class LabelingApp:
             return ok
 
     def session_user(self, request: Request) -> str | None:
-        """The user Gradio's /login gave this request's cookie to (as Gradio's own routes look it up)."""
-        cookie = self._gradio.cookie_id
-        token = request.cookies.get(f"access-token-{cookie}") or request.cookies.get(f"access-token-unsecure-{cookie}")
-        user = self._gradio.tokens.get(token)
-        return user if user and self.store.user(user) else None
+        """The account of this request's live session (its `align-session` cookie), or None (`sessions.py`).
+        Gradio asks the same, through `auth_dependency`."""
+        token = request.cookies.get(sessions.COOKIE)
+        return self.store.session_user(token, self.session_idle, self.session_lifetime) if token else None
 
     # -- the server
 
@@ -312,6 +312,7 @@ class LabelingApp:
                 return user
             return self.undo(body.vote_id, user).json()
 
+        sessions.add_session_routes(server, self)
         demo = self.blocks()
         demo.queue(default_concurrency_limit=4)
         # Gradio's queue polls every 1 ms (and its progress loop every 10 ms) when idle: ~7% of a
@@ -319,11 +320,9 @@ class LabelingApp:
         # waiting up to 50 ms to start costs them nothing.
         if hasattr(demo._queue, "sleep_when_free"):
             demo._queue.sleep_when_free = demo._queue.progress_update_sleep_when_free = 0.05
-        gr.mount_gradio_app(server, demo, path="/", auth=self.login, ssr_mode=False, show_error=False,
-                            head=KEYBOARD_JS, css=CSS, footer_links=[],
-                            auth_message="Sign in with the name and password your admin gave you.")
-        self._gradio = next(route.app for route in server.routes if isinstance(route, Mount))
-        server.add_middleware(AdminFiles, labeling=self)
+        gr.mount_gradio_app(server, demo, path="/", auth_dependency=self.session_user, ssr_mode=False,
+                            show_error=False, head=KEYBOARD_JS, css=CSS, footer_links=[])
+        server.add_middleware(sessions.PageAccess, labeling=self)
         # An explicit CORS allow-list on the outer app (Gradio's own, which allows any origin with credentials,
         # steps aside when its parent configures CORS), then the cross-site guard outside everything.
         server.add_middleware(CORSMiddleware, allow_origins=list(self.allow_origins), allow_credentials=True,
@@ -411,31 +410,14 @@ class LabelingApp:
         return demo
 
 
-class AdminFiles:
-    """ASGI middleware: Gradio's file route serves what handlers return, here only exports (the annotator page has
-    no file), so it is for admins alone; an hour-old export is deleted before any file is served."""
-
-    def __init__(self, app, labeling: LabelingApp):
-        self.app, self.labeling = app, labeling
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and "/file=" in scope["path"]:
-            await anyio.to_thread.run_sync(self.labeling.sweep_exports)
-            user = self.labeling.session_user(Request(scope))
-            account = await anyio.to_thread.run_sync(self.labeling.store.user, user) if user else None
-            if account is None or not account.is_admin:
-                response = JSONResponse({"error": "files (exports) are for admins only"}, status_code=403)
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
 def serve(store: LabelStore, host: str = "127.0.0.1", port: int = 7860, overlap: int = 3,
           lease_seconds: float = 600.0, guidelines: str = DEFAULT_GUIDELINES,
-          allow_origins: tuple[str, ...] = ()) -> None:
+          allow_origins: tuple[str, ...] = (), https: bool = False, session_idle: float = sessions.IDLE,
+          session_lifetime: float = sessions.LIFETIME) -> None:
     """Run the app until interrupted. Logging in is required for every page and route."""
     import uvicorn
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    server = LabelingApp(store, overlap, lease_seconds, guidelines, allow_origins).server()
+    server = LabelingApp(store, overlap, lease_seconds, guidelines, allow_origins, https, session_idle,
+                         session_lifetime).server()
     uvicorn.run(server, host=host, port=port, log_level="warning")

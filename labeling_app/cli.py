@@ -71,6 +71,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        help="another site whose pages may call the app with an annotator's cookie (CORS), e.g. "
                             "https://tools.example.com; repeatable. Default none: requests from other sites are "
                             "refused with 403")
+    serve.add_argument("--https", action="store_true",
+                       help="mark the session cookie Secure (served over HTTPS behind a proxy that does not send "
+                            "X-Forwarded-Proto; a request that arrives as https gets it anyway)")
+    serve.add_argument("--session-idle-hours", type=float, default=12.0,
+                       help="a session unused this long ends (default 12)")
+    serve.add_argument("--session-days", type=float, default=7.0,
+                       help="a session ends this long after login, used or not (default 7)")
     serve.add_argument("--lease-minutes", type=float, default=10.0,
                        help="a pair handed out and not voted on within this time goes back to the pool "
                             "(default 10)")
@@ -214,6 +221,8 @@ def cmd_serve(args) -> int:
         raise AlignError(f"--port must be between 1 and 65535, got {args.port}")
     if args.lease_minutes <= 0:
         raise AlignError(f"--lease-minutes must be more than 0, got {args.lease_minutes}")
+    if args.session_idle_hours <= 0 or args.session_days <= 0:
+        raise AlignError("--session-idle-hours and --session-days must be more than 0")
     from labeling_app.siteguard import normalize_origin
 
     for origin in args.allow_origin:
@@ -236,7 +245,7 @@ def cmd_serve(args) -> int:
         print(f"labeling app on http://{args.host}:{args.port} ({counts['pairs']} pairs, {args.overlap} votes "
               f"per pair, {counts['users']} users); Ctrl+C stops it", flush=True)
         serve(store, args.host, args.port, args.overlap, args.lease_minutes * 60, guidelines or DEFAULT_GUIDELINES,
-              tuple(args.allow_origin))
+              tuple(args.allow_origin), args.https, args.session_idle_hours * 3600, args.session_days * 86400)
     finally:
         store.close()
     return 0

@@ -77,7 +77,7 @@ class ServerProcess:
                 raise RuntimeError(f"server exited with {self.process.returncode}; see {self.log}:\n"
                                    + self.log.read_text()[-2000:])
             try:
-                if httpx.get(self.url + "/", timeout=2).status_code == 200:
+                if httpx.get(self.url + "/login", timeout=2).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass

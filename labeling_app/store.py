@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import secrets
 import sqlite3
 import threading
 import time
@@ -107,7 +108,20 @@ CREATE INDEX login_failures_by_address ON login_failures (address, at)
 
 # MIGRATIONS[i] takes a database from version i to i+1: SQL statements split on ';' (so none
 # inside a string or comment), run in one transaction with the version bump.
-MIGRATIONS = [_V1, _V2]
+# Sessions: the app's own (not Gradio's in-memory tokens), so they survive a restart and end on logout,
+# password change and account removal. Only a SHA-256 of the token is stored.
+_V3 = """
+CREATE TABLE sessions (
+    token_hash TEXT PRIMARY KEY,
+    user TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    last_seen REAL NOT NULL
+);
+CREATE INDEX sessions_by_user ON sessions (user)
+"""
+
+MIGRATIONS = [_V1, _V2, _V3]
+SEEN_EVERY = 60.0  # seconds: how stale a session's last_seen may get before a request writes it
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -179,6 +193,10 @@ class VoteOutcome:
 class UndoOutcome:
     undone: Vote | None  # None when there was nothing (or no longer anything) to undo
     next: Presentation | None
+
+
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -279,6 +297,7 @@ class LabelStore:
         with self._write() as db:
             if not db.execute("UPDATE users SET password_hash = ? WHERE name = ?", (password_hash, name)).rowcount:
                 raise AlignError(f"no user '{name}' in {self.path}")
+            db.execute("DELETE FROM sessions WHERE user = ?", (name,))  # a new password logs every session out
 
     def remove_user(self, name: str) -> None:
         """The account goes at once, even on a running server; the votes stay (they are the data)."""
@@ -286,6 +305,42 @@ class LabelStore:
             if not db.execute("DELETE FROM users WHERE name = ?", (name,)).rowcount:
                 raise AlignError(f"no user '{name}' in {self.path}")
             db.execute("DELETE FROM leases WHERE annotator = ?", (name,))
+            db.execute("DELETE FROM sessions WHERE user = ?", (name,))
+
+    # -- sessions
+
+    def create_session(self, user: str, now: float | None = None) -> str:
+        """A new session for `user`: returns its token (random, 256 bits), of which only a hash is kept."""
+        token = secrets.token_urlsafe(32)
+        now = time.time() if now is None else now
+        with self._write() as db:
+            db.execute("INSERT INTO sessions (token_hash, user, created_at, last_seen) VALUES (?, ?, ?, ?)",
+                       (_token_hash(token), user, now, now))
+        return token
+
+    def session_user(self, token: str, idle: float, lifetime: float, now: float | None = None) -> str | None:
+        """The account a session token belongs to, if the session is alive: at most `idle` seconds since it was
+        last used, `lifetime` since it began, and the account still there. An expired session is deleted."""
+        now = time.time() if now is None else now
+        row = self._db().execute("SELECT s.user, s.created_at, s.last_seen FROM sessions s JOIN users u "
+                                 "ON u.name = s.user WHERE s.token_hash = ?", (_token_hash(token),)).fetchone()
+        if row is None:
+            return None
+        user, created, seen = row
+        if now - seen > idle or now - created > lifetime:
+            self.end_session(token)
+            return None
+        if now - seen > SEEN_EVERY:
+            with self._write() as db:
+                db.execute("UPDATE sessions SET last_seen = ? WHERE token_hash = ?", (now, _token_hash(token)))
+        return user
+
+    def end_session(self, token: str) -> bool:
+        with self._write() as db:
+            return bool(db.execute("DELETE FROM sessions WHERE token_hash = ?", (_token_hash(token),)).rowcount)
+
+    def sessions(self, user: str) -> int:
+        return self._db().execute("SELECT COUNT(*) FROM sessions WHERE user = ?", (user,)).fetchone()[0]
 
     # -- failed logins
 
