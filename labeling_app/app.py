@@ -40,7 +40,7 @@ from pydantic import BaseModel, Field
 from starlette.middleware.cors import CORSMiddleware
 
 from align.errors import AlignError
-from labeling_app import export, sessions, throttle
+from labeling_app import export, quality, sessions, throttle
 from labeling_app.siteguard import SiteGuard
 from labeling_app.admin import build_report, report_markdown
 from labeling_app.passwords import verify_password
@@ -218,7 +218,14 @@ class LabelingApp:
 
     def report(self, user: str) -> str:
         self.require_admin(user)
-        return report_markdown(build_report(self.store, self.overlap))
+        return self.admin_markdown()
+
+    def admin_markdown(self) -> str:
+        """Progress, agreement and bias (`admin.py`), then annotator quality and the model leaderboard
+        (`quality.py`; 200 bootstrap rounds here, `align label leaderboard` takes more)."""
+        return "\n\n".join((report_markdown(build_report(self.store, self.overlap)),
+                            quality.stats_markdown(quality.annotator_stats(self.store)),
+                            quality.leaderboard_markdown(quality.leaderboard(self.store, rounds=200))))
 
     def export(self, kind: str, min_votes: float, min_agreement: float, user: str) -> str:
         self.require_admin(user)
@@ -378,7 +385,7 @@ class LabelingApp:
                 user = user_of(request)
                 is_admin = self.store.user(user).is_admin
                 return (*self.view(user).outputs(), gr.Tab(visible=is_admin),
-                        report_markdown(build_report(self.store, self.overlap)) if is_admin else "")
+                        self.admin_markdown() if is_admin else "")
 
             def vote(presentation_id: str, choice: str, reason: str, request: gr.Request) -> dict:
                 """Vote on a presentation (left, right, tie, both_bad or skip); returns the next page as a dict."""

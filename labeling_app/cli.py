@@ -97,7 +97,27 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     kind = exp.add_mutually_exclusive_group()
     kind.add_argument("--raw", action="store_true", help="every vote: annotator, sides shown, times, reason")
     kind.add_argument("--kto", action="store_true", help="thumbs-up/down rows for the KTO stage")
+    _add_quality_parsers(sub)
     return label
+
+
+def _add_quality_parsers(sub) -> None:
+    """`align label stats` and `align label leaderboard`."""
+    stats = sub.add_parser(
+        "stats", help="annotator quality: agreement with the majority, speed, length bias",
+        description="Per annotator: votes, agreement with the others' majority (leave-one-out, on pairs with two "
+                    "or more other verdicts), median seconds per vote (under 2 s is marked too fast), and how often "
+                    "the longer answer won; the same for the whole team.")
+    stats.add_argument("--db", default="labels.sqlite", help=DB_HELP)
+    stats.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    board = sub.add_parser(
+        "leaderboard", help="rank models from the votes (Bradley-Terry, bootstrap interval)",
+        description="For pairs whose metadata names model_a and model_b (rollouts of several checkpoints): a "
+                    "Bradley-Terry fit of the verdicts, ties as half wins, as a score on the Elo scale (mean 1000) "
+                    "with a percentile bootstrap 95%% interval over votes.")
+    board.add_argument("--db", default="labels.sqlite", help=DB_HELP)
+    board.add_argument("--rounds", type=int, default=1000, help="bootstrap rounds (default 1000)")
+    board.add_argument("--json", action="store_true", help="JSON rows instead of a table")
 
 
 def _add_users_parser(sub) -> None:
@@ -147,7 +167,28 @@ def run(args) -> int:
         return cmd_serve(args)
     if command == "export":
         return cmd_export(args)
+    if command in ("stats", "leaderboard"):
+        return cmd_quality(args)
     raise ValueError(command)
+
+
+def cmd_quality(args) -> int:
+    import json
+
+    from labeling_app import quality
+    from labeling_app.store import LabelStore
+
+    with LabelStore(args.db) as store:
+        if args.label_command == "stats":
+            result = quality.annotator_stats(store)
+            text = quality.stats_markdown(result)
+        else:
+            if args.rounds < 1:
+                raise AlignError(f"--rounds must be at least 1, got {args.rounds}")
+            result = quality.leaderboard(store, rounds=args.rounds)
+            text = quality.leaderboard_markdown(result)
+    print(json.dumps(result, indent=1) if args.json else text)
+    return 0
 
 
 def cmd_import(args) -> int:

@@ -85,7 +85,8 @@ def test_gradio_client_logs_in_votes_undoes_and_exports(server, tmp_path):
     assert final["status"] == "Saved."
 
     admin = Client(server.url, auth=("root", ADMIN_PASSWORD), verbose=False)
-    assert "Krippendorff" in admin.predict(api_name="/admin_report")
+    admin_view = admin.predict(api_name="/admin_report")
+    assert "Krippendorff" in admin_view and "### Annotator quality" in admin_view and "| ann |" in admin_view
     exported = admin.predict("raw", 1, 0, api_name="/export")
     rows = [json.loads(line) for line in open(exported)]
     mine = [r for r in rows if r["annotator"] == "ann"]
