@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "label":
             from labeling_app.cli import run as run_label
 
-            return run_label(args)
+            return run_label(args, reward_scorer=reward_scorer)
         if args.command == "data":
             from align.data_check import run as run_data
 
@@ -212,3 +212,10 @@ def cmd_tiny(args) -> int:
                            layers=args.layers, seed=args.seed)
     print(f"wrote {out}")
     return 0
+
+
+def reward_scorer(path: str):
+    """What `align label import --reward-model` scores pairs with (the labeling component does not import reward)."""
+    from reward.score import RewardScorer
+
+    return RewardScorer(path).score

@@ -51,6 +51,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     imp.add_argument("--max-pairs-per-prompt", type=int, default=0, metavar="N",
                      help="rollouts: at most N pairs per prompt, a seeded sample (default 0: every pair)")
     imp.add_argument("--seed", type=int, default=0, help="seed for --max-pairs-per-prompt sampling (default 0)")
+    imp.add_argument("--reward-model", metavar="PATH",
+                     help="score both responses of every pair with this reward model (a reward stage's model/ "
+                          "folder) and store reward_a, reward_b and reward_gap in the pair's metadata (never shown "
+                          "to annotators), for `serve --order uncertainty`")
 
     _add_users_parser(sub)
 
@@ -71,6 +75,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        help="another site whose pages may call the app with an annotator's cookie (CORS), e.g. "
                             "https://tools.example.com; repeatable. Default none: requests from other sites are "
                             "refused with 403")
+    serve.add_argument("--order", default="random", choices=["random", "fifo", "uncertainty"],
+                       help="which pair comes next once started pairs are filled first: random (default; a fixed "
+                            "shuffle), fifo (oldest first), uncertainty (smallest reward gap first: import with "
+                            "--reward-model)")
     serve.add_argument("--https", action="store_true",
                        help="mark the session cookie Secure (served over HTTPS behind a proxy that does not send "
                             "X-Forwarded-Proto; a request that arrives as https gets it anyway)")
@@ -154,7 +162,10 @@ def _add_users_parser(sub) -> None:
     unlock.add_argument("--db", default="labels.sqlite", help=DB_HELP)
 
 
-def run(args) -> int:
+def run(args, reward_scorer=None) -> int:
+    """`reward_scorer`: `path -> f(prompts, completions) -> list[float]`, a reward model loader the caller (align's
+    CLI) hands in, since this component does not import another (`import --reward-model`)."""
+    args.reward_scorer = reward_scorer
     command = getattr(args, "label_command", None)
     if command is None:
         args.label_parser.print_help()
@@ -198,12 +209,29 @@ def cmd_import(args) -> int:
     if args.max_pairs_per_prompt < 0:
         raise AlignError(f"--max-pairs-per-prompt must be 0 (every pair) or more, got {args.max_pairs_per_prompt}")
     pairs = read_pairs(args.file, args.format, args.max_pairs_per_prompt, args.seed)
+    if args.reward_model:
+        score_pairs(pairs, args.reward_model, args.reward_scorer)
     with LabelStore(args.db, create=True) as store:
         added, duplicates = store.add_pairs(pairs)
         total = store.counts()["pairs"]
     print(f"imported {added} pairs from {args.file} into {args.db}; skipped {duplicates} duplicates; "
           f"{total} pairs in the database")
     return 0
+
+
+def score_pairs(pairs: list, reward_model: str, reward_scorer) -> None:
+    """Each pair's reward gap under `reward_model`, into its metadata: reward_a, reward_b, reward_gap (a - b)."""
+    if not (Path(reward_model) / "config.json").exists():
+        raise AlignError(f"--reward-model {reward_model}: expected a reward model folder (the model/ of a reward "
+                         "stage)")
+    if reward_scorer is None:
+        raise AlignError("--reward-model needs align's reward models: run it as `align label import ...`")
+    score = reward_scorer(reward_model)
+    prompts = [p.prompt for p in pairs]
+    rewards_a = score(prompts, [p.response_a for p in pairs])
+    rewards_b = score(prompts, [p.response_b for p in pairs])
+    for pair, a, b in zip(pairs, rewards_a, rewards_b):
+        pair.metadata.update(reward_a=a, reward_b=b, reward_gap=a - b)
 
 
 def cmd_users(args) -> int:
@@ -276,7 +304,7 @@ def cmd_serve(args) -> int:
             guidelines = Path(args.guidelines).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise AlignError(f"{args.guidelines}: cannot read guidelines ({e.__class__.__name__}: {e})") from None
-    store = LabelStore(args.db)
+    store = LabelStore(args.db, order=args.order)
     try:
         counts = store.counts()
         if counts["users"] == 0:

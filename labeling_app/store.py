@@ -48,6 +48,17 @@ from align.errors import AlignError
 # What the annotator clicks. The store turns left/right into the stored response ('a' or 'b')
 # using the side each response was shown on, inside the vote's transaction.
 CHOICES = ("left", "right", "tie", "both_bad", "skip")
+# Among the fullest pairs, which comes next: `fifo` the oldest; `random` a fixed shuffle (a multiplicative hash
+# of the id, so every annotator and every restart sees the same order); `uncertainty` the pair whose stored
+# reward gap (`align label import --reward-model`: metadata reward_gap) is smallest in size, pairs without one
+# last.
+ORDERS = {
+    "fifo": "p.id",
+    "random": "(p.id * 2654435761) % 4294967296, p.id",
+    "uncertainty": "json_extract(p.metadata, '$.reward_gap') IS NULL, "
+                   "abs(json_extract(p.metadata, '$.reward_gap')), p.id",
+}
+
 # Stored choices; all but skip fill one of a pair's K slots.
 STORED_CHOICES = ("a", "b", "tie", "both_bad", "skip")
 
@@ -208,7 +219,10 @@ class User:
 
 
 class LabelStore:
-    def __init__(self, path: str | Path, *, create: bool = False):
+    def __init__(self, path: str | Path, *, create: bool = False, order: str = "fifo"):
+        if order not in ORDERS:
+            raise AlignError(f"order {order!r}: expected one of {', '.join(ORDERS)}")
+        self.order = order  # which pair a new presentation picks among the fullest (`ORDERS`)
         self.path = Path(path)
         if not create and not self.path.exists():
             raise AlignError(f"{self.path}: no such label database; create it with `align label import` "
@@ -396,7 +410,7 @@ class LabelStore:
     def present(self, annotator: str, overlap: int, lease_seconds: float) -> Presentation | None:
         """The pair this annotator should judge now: their current lease, or a new one; None when done."""
         with self._write() as db:
-            return _present(db, annotator, overlap, lease_seconds, time.time())
+            return _present(db, annotator, overlap, lease_seconds, time.time(), self.order)
 
     def record_vote(self, annotator: str, presentation_id: str, picked: str, reason: str, overlap: int,
                     lease_seconds: float) -> VoteOutcome:
@@ -422,7 +436,8 @@ class LabelStore:
             else:
                 _insert_vote(db, lease, _stored_choice(picked, lease["left_side"]), reason, now)
                 status = "recorded"
-            return VoteOutcome(status, presentation_id, _present(db, annotator, overlap, lease_seconds, now))
+            shown = _present(db, annotator, overlap, lease_seconds, now, self.order)
+            return VoteOutcome(status, presentation_id, shown)
 
     def undo(self, annotator: str, vote_id: str, overlap: int, lease_seconds: float) -> UndoOutcome:
         """Take back `vote_id` if it is this annotator's latest live vote, and show its pair again.
@@ -433,7 +448,7 @@ class LabelStore:
             row = db.execute("SELECT * FROM votes WHERE annotator = ? AND undone_at IS NULL "
                              "ORDER BY voted_at DESC, rowid DESC LIMIT 1", (annotator,)).fetchone()
             if not row or row["vote_id"] != vote_id or not _exists(db, annotator):
-                return UndoOutcome(None, _present(db, annotator, overlap, lease_seconds, now))
+                return UndoOutcome(None, _present(db, annotator, overlap, lease_seconds, now, self.order))
             vote = _vote(row)
             db.execute("UPDATE votes SET undone_at = ? WHERE vote_id = ?", (now, vote_id))
             if vote.choice != "skip":
@@ -443,7 +458,7 @@ class LabelStore:
             db.execute("DELETE FROM leases WHERE annotator = ?", (annotator,))
             if _has_slot(db, vote.pair_id, annotator, overlap, now):
                 _lease(db, annotator, vote.pair_id, vote.left_side, now, lease_seconds)
-            return UndoOutcome(vote, _present(db, annotator, overlap, lease_seconds, now))
+            return UndoOutcome(vote, _present(db, annotator, overlap, lease_seconds, now, self.order))
 
     def last_vote_id(self, annotator: str) -> str | None:
         row = self._db().execute("SELECT vote_id FROM votes WHERE annotator = ? AND undone_at IS NULL "
@@ -500,7 +515,7 @@ def _has_slot(db: sqlite3.Connection, pair_id: int, annotator: str, overlap: int
 
 
 def _present(db: sqlite3.Connection, annotator: str, overlap: int, lease_seconds: float,
-             now: float) -> Presentation | None:
+             now: float, order: str = "fifo") -> Presentation | None:
     if not _exists(db, annotator):
         return None
     lease = db.execute("SELECT * FROM leases WHERE annotator = ?", (annotator,)).fetchone()
@@ -508,7 +523,7 @@ def _present(db: sqlite3.Connection, annotator: str, overlap: int, lease_seconds
         db.execute("UPDATE leases SET expires_at = ? WHERE annotator = ?", (now + lease_seconds, annotator))
         return _presentation(db, lease)
     db.execute("DELETE FROM leases WHERE annotator = ?", (annotator,))
-    pair_id = _next_pair(db, annotator, overlap, now)
+    pair_id = _next_pair(db, annotator, overlap, now, order)
     if pair_id is None:
         return None
     return _lease(db, annotator, pair_id, random.choice("ab"), now, lease_seconds)
@@ -524,16 +539,16 @@ def _insert_vote(db: sqlite3.Connection, lease: sqlite3.Row, choice: str, reason
     db.execute("DELETE FROM leases WHERE annotator = ?", (lease["annotator"],))
 
 
-def _next_pair(db: sqlite3.Connection, annotator: str, overlap: int, now: float) -> int | None:
-    # Fullest pairs first (then oldest), so pairs reach K votes and can be exported while the
-    # labeling goes on, and overlapping votes for agreement accumulate from the start.
+def _next_pair(db: sqlite3.Connection, annotator: str, overlap: int, now: float, order: str = "fifo") -> int | None:
+    # Fullest pairs first, so pairs reach K votes and can be exported while the labeling goes on,
+    # and overlapping votes for agreement accumulate from the start; then `ORDERS[order]`.
     row = db.execute(
         "SELECT p.id FROM pairs p "
         "WHERE p.filled < :k "
         "AND NOT EXISTS (SELECT 1 FROM votes v WHERE v.annotator = :u AND v.pair_id = p.id AND v.undone_at IS NULL) "
         "AND p.filled + (SELECT count(*) FROM leases l WHERE l.pair_id = p.id AND l.expires_at > :now "
         "                AND l.annotator != :u) < :k "
-        "ORDER BY p.filled DESC, p.id LIMIT 1",
+        f"ORDER BY p.filled DESC, {ORDERS[order]} LIMIT 1",
         {"k": overlap, "u": annotator, "now": now}).fetchone()
     return row[0] if row else None
 

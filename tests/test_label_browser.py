@@ -34,7 +34,7 @@ def server(tmp_path_factory):
     seed_database(db, ["ann"], pairs=0)
     with LabelStore(db) as store:
         store.add_pairs(HOSTILE)
-    with ServerProcess(db, overlap=1) as running:
+    with ServerProcess(db, overlap=1, extra=["--order", "fifo"]) as running:  # the pairs in the order written
         yield running
 
 
