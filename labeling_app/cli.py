@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import random
 import re
 import sys
 from datetime import datetime, timezone
@@ -37,25 +38,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     label.set_defaults(label_parser=label)
     sub = label.add_subparsers(dest="label_command", metavar="COMMAND")
 
-    imp = sub.add_parser(
-        "import", help="add pairs to label from a rollouts, pairs or preference file",
-        description="Add pairs to the database. Rollouts rows {prompt, completions, rewards, model} give one pair "
-                    "per two different completions; pairs rows {prompt, response_a, response_b, metadata} are "
-                    "taken as they are; preference rows {prompt, chosen, rejected} become pairs to re-judge. "
-                    "Pairs already in the database (same prompt and responses, either order) are skipped and "
-                    "counted. A bad row stops the import before anything is added.")
-    imp.add_argument("file", help="JSONL, JSON, Parquet or CSV file, or a save_to_disk folder")
-    imp.add_argument("--db", default="labels.sqlite", help=DB_HELP)
-    imp.add_argument("--format", default="auto", choices=["auto", "rollouts", "pairs", "preference"],
-                     help="row format (default: told from the first row)")
-    imp.add_argument("--max-pairs-per-prompt", type=int, default=0, metavar="N",
-                     help="rollouts: at most N pairs per prompt, a seeded sample (default 0: every pair)")
-    imp.add_argument("--seed", type=int, default=0, help="seed for --max-pairs-per-prompt sampling (default 0)")
-    imp.add_argument("--reward-model", metavar="PATH",
-                     help="score both responses of every pair with this reward model (a reward stage's model/ "
-                          "folder) and store reward_a, reward_b and reward_gap in the pair's metadata (never shown "
-                          "to annotators), for `serve --order uncertainty`")
-
+    _add_import_parser(sub)
     _add_users_parser(sub)
 
     serve = sub.add_parser(
@@ -79,6 +62,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        help="which pair comes next once started pairs are filled first: random (default; a fixed "
                             "shuffle), fifo (oldest first), uncertainty (smallest reward gap first: import with "
                             "--reward-model)")
+    serve.add_argument("--gold-rate", type=float, default=0.05, metavar="P",
+                       help="the chance that the next pair is a gold pair the annotator has not judged (default "
+                            "0.05; `import --gold`); shown like any other pair")
     serve.add_argument("--https", action="store_true",
                        help="mark the session cookie Secure (served over HTTPS behind a proxy that does not send "
                             "X-Forwarded-Proto; a request that arrives as https gets it anyway)")
@@ -102,11 +88,40 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                      "(default 1; skips are not votes)")
     exp.add_argument("--min-agreement", type=float, default=0.0, metavar="X",
                      help="keep pairs whose majority has at least this share of the votes, 0-1 (default 0)")
+    exp.add_argument("--min-gold-accuracy", type=float, default=0.0, metavar="X",
+                     help="leave out the votes of annotators who answered less than this share of gold pairs as "
+                          "known, 0-1 (default 0; annotators who met no gold pair are kept)")
     kind = exp.add_mutually_exclusive_group()
     kind.add_argument("--raw", action="store_true", help="every vote: annotator, sides shown, times, reason")
     kind.add_argument("--kto", action="store_true", help="thumbs-up/down rows for the KTO stage")
     _add_quality_parsers(sub)
     return label
+
+
+def _add_import_parser(sub) -> None:
+    """`align label import`."""
+    imp = sub.add_parser(
+        "import", help="add pairs to label from a rollouts, pairs or preference file",
+        description="Add pairs to the database. Rollouts rows {prompt, completions, rewards, model} give one pair "
+                    "per two different completions; pairs rows {prompt, response_a, response_b, metadata} are "
+                    "taken as they are; preference rows {prompt, chosen, rejected} become pairs to re-judge. "
+                    "Pairs already in the database (same prompt and responses, either order) are skipped and "
+                    "counted. A bad row stops the import before anything is added.")
+    imp.add_argument("file", help="JSONL, JSON, Parquet or CSV file, or a save_to_disk folder")
+    imp.add_argument("--db", default="labels.sqlite", help=DB_HELP)
+    imp.add_argument("--format", default="auto", choices=["auto", "rollouts", "pairs", "preference"],
+                     help="row format (default: told from the first row)")
+    imp.add_argument("--max-pairs-per-prompt", type=int, default=0, metavar="N",
+                     help="rollouts: at most N pairs per prompt, a seeded sample (default 0: every pair)")
+    imp.add_argument("--seed", type=int, default=0, help="seed for --max-pairs-per-prompt sampling (default 0)")
+    imp.add_argument("--gold", action="store_true",
+                     help="FILE holds gold pairs, preference rows {prompt, chosen, rejected} whose answer is known: "
+                          "stored with the sides in a seeded random order and the answer in the metadata, never "
+                          "exported for training, mixed into every annotator's queue at `serve --gold-rate`")
+    imp.add_argument("--reward-model", metavar="PATH",
+                     help="score both responses of every pair with this reward model (a reward stage's model/ "
+                          "folder) and store reward_a, reward_b and reward_gap in the pair's metadata (never shown "
+                          "to annotators), for `serve --order uncertainty`")
 
 
 def _add_quality_parsers(sub) -> None:
@@ -208,7 +223,9 @@ def cmd_import(args) -> int:
 
     if args.max_pairs_per_prompt < 0:
         raise AlignError(f"--max-pairs-per-prompt must be 0 (every pair) or more, got {args.max_pairs_per_prompt}")
-    pairs = read_pairs(args.file, args.format, args.max_pairs_per_prompt, args.seed)
+    pairs = read_pairs(args.file, "preference" if args.gold else args.format, args.max_pairs_per_prompt, args.seed)
+    if args.gold:
+        pairs = gold_pairs(pairs, args.seed)
     if args.reward_model:
         score_pairs(pairs, args.reward_model, args.reward_scorer)
     with LabelStore(args.db, create=True) as store:
@@ -217,6 +234,19 @@ def cmd_import(args) -> int:
     print(f"imported {added} pairs from {args.file} into {args.db}; skipped {duplicates} duplicates; "
           f"{total} pairs in the database")
     return 0
+
+
+def gold_pairs(pairs: list, seed: int) -> list:
+    """Preference pairs (chosen as A) as gold pairs: A and B swapped for a seeded half, `gold` naming the chosen."""
+    from labeling_app.store import NewPair
+
+    rng, out = random.Random(seed), []
+    for p in pairs:
+        meta = {k: v for k, v in p.metadata.items() if k not in ("prior_choice", "source")}
+        swap = rng.random() < 0.5
+        a, b = (p.response_b, p.response_a) if swap else (p.response_a, p.response_b)
+        out.append(NewPair(p.prompt, a, b, {**meta, "source": "gold", "gold": "b" if swap else "a"}))
+    return out
 
 
 def score_pairs(pairs: list, reward_model: str, reward_scorer) -> None:
@@ -304,7 +334,7 @@ def cmd_serve(args) -> int:
             guidelines = Path(args.guidelines).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise AlignError(f"{args.guidelines}: cannot read guidelines ({e.__class__.__name__}: {e})") from None
-    store = LabelStore(args.db, order=args.order)
+    store = LabelStore(args.db, order=args.order, gold_rate=args.gold_rate)
     try:
         counts = store.counts()
         if counts["users"] == 0:
@@ -328,9 +358,11 @@ def cmd_export(args) -> int:
         if args.raw:
             summary, what = export.export_raw(store, args.out), "votes"
         elif args.kto:
-            summary, what = export.export_kto(store, args.out, args.min_votes, args.min_agreement), "KTO rows"
+            summary = export.export_kto(store, args.out, args.min_votes, args.min_agreement, args.min_gold_accuracy)
+            what = "KTO rows"
         else:
-            summary = export.export_preferences(store, args.out, args.min_votes, args.min_agreement)
+            summary = export.export_preferences(store, args.out, args.min_votes, args.min_agreement,
+                                                args.min_gold_accuracy)
             what = "preference pairs"
     print(summary.line(Path(args.out), what))
     return 0

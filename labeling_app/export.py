@@ -86,11 +86,29 @@ def select(found: list[Verdict], wanted: set[str], min_votes: int, min_agreement
     return kept
 
 
+def trusted(store: LabelStore, min_gold_accuracy: float, summary: ExportSummary) -> tuple[list[Pair], list[Vote]]:
+    """The pairs to aggregate (gold pairs are for checking annotators, not for training) and the votes to count:
+    all, or those of annotators whose gold accuracy is at least `min_gold_accuracy` (an annotator who answered no
+    gold pair is kept)."""
+    from labeling_app.quality import gold_accuracy
+
+    if not 0.0 <= min_gold_accuracy <= 1.0:
+        raise AlignError(f"--min-gold-accuracy must be between 0 and 1, got {min_gold_accuracy}")
+    pairs, votes = store.pairs(), store.votes()
+    accuracy = gold_accuracy({p.id: p for p in pairs}, votes)
+    below = {name for name, (right, total) in accuracy.items() if right / total < min_gold_accuracy}
+    if below:
+        summary.dropped[f"votes from {len(below)} annotators under {min_gold_accuracy:g} gold accuracy"] += sum(
+            v.annotator in below for v in votes)
+    return [p for p in pairs if "gold" not in p.metadata], [v for v in votes if v.annotator not in below]
+
+
 def export_preferences(store: LabelStore, out: str | Path, min_votes: int = 1,
-                       min_agreement: float = 0.0) -> ExportSummary:
+                       min_agreement: float = 0.0, min_gold_accuracy: float = 0.0) -> ExportSummary:
     _check_thresholds(min_votes, min_agreement)
     summary = ExportSummary()
-    kept = select(verdicts(store.pairs(), store.votes()), {"a", "b"}, min_votes, min_agreement, summary)
+    pairs, votes = trusted(store, min_gold_accuracy, summary)
+    kept = select(verdicts(pairs, votes), {"a", "b"}, min_votes, min_agreement, summary)
     rows = []
     for v in kept:
         chosen, rejected = ((v.pair.response_a, v.pair.response_b) if v.winner == "a"
@@ -99,10 +117,12 @@ def export_preferences(store: LabelStore, out: str | Path, min_votes: int = 1,
     return _write(out, rows, summary, "preference pairs")
 
 
-def export_kto(store: LabelStore, out: str | Path, min_votes: int = 1, min_agreement: float = 0.0) -> ExportSummary:
+def export_kto(store: LabelStore, out: str | Path, min_votes: int = 1, min_agreement: float = 0.0,
+               min_gold_accuracy: float = 0.0) -> ExportSummary:
     _check_thresholds(min_votes, min_agreement)
     summary = ExportSummary()
-    kept = select(verdicts(store.pairs(), store.votes()), {"a", "b", "both_bad"}, min_votes, min_agreement, summary)
+    pairs, votes = trusted(store, min_gold_accuracy, summary)
+    kept = select(verdicts(pairs, votes), {"a", "b", "both_bad"}, min_votes, min_agreement, summary)
     rows, seen = [], set()
     for v in kept:
         labels = {"a": [(v.pair.response_a, True), (v.pair.response_b, False)],
@@ -118,16 +138,20 @@ def export_kto(store: LabelStore, out: str | Path, min_votes: int = 1, min_agree
 
 
 def export_raw(store: LabelStore, out: str | Path) -> ExportSummary:
+    from labeling_app.quality import gold_accuracy
+
     pairs = {p.id: p for p in store.pairs()}
     rows = []
-    for vote in store.votes():
+    votes = store.votes()
+    accuracy = {name: right / total for name, (right, total) in gold_accuracy(pairs, votes).items()}
+    for vote in votes:
         pair = pairs[vote.pair_id]
         rows.append({
             "vote_id": vote.vote_id, "pair_id": vote.pair_id, "annotator": vote.annotator, "choice": vote.choice,
             "shown_left": vote.left_side, "picked_side": vote.picked_side, "reason": vote.reason,
             "shown_at": _iso(vote.shown_at), "voted_at": _iso(vote.voted_at), "seconds": round(vote.seconds, 3),
             "prompt": pair.prompt, "response_a": pair.response_a, "response_b": pair.response_b,
-            "metadata": pair.metadata,
+            "metadata": pair.metadata, "gold_accuracy": accuracy.get(vote.annotator),
         })
     summary = ExportSummary(kept_pairs=len({r["pair_id"] for r in rows}))
     return _write(out, rows, summary, "votes")

@@ -9,6 +9,8 @@
 - **Length bias**: of the votes that picked A or B where the answers differ in length, the share
   that picked the longer one. Near 0.5 is neutral; a team near 0.8 teaches the reward model that
   longer is better (the bias the DPO/RLHF literature keeps finding).
+- **Gold accuracy**: the share of gold pairs (known answer, mixed into the queue unmarked) an
+  annotator answered as known; `export --min-gold-accuracy X` leaves out the votes of those below X.
 - **Leaderboard**: when pairs carry `model_a` / `model_b` (rollouts of several checkpoints), a
   Bradley-Terry fit of the verdicts (a tie is half a win each; "both bad" and skips carry no
   preference), as Chatbot Arena reports it: a score per model on the Elo scale (400 points = 10x
@@ -26,6 +28,18 @@ from labeling_app.store import LabelStore
 
 TOO_FAST = 2.0  # seconds
 ELO = 400 / math.log(10)
+
+
+def gold_accuracy(pairs: dict, votes: list) -> dict[str, tuple[int, int]]:
+    """annotator -> (gold pairs answered as known, gold pairs answered): verdicts on pairs whose metadata holds
+    `gold` ('a' or 'b'; `align label import --gold`). A tie or "both bad" on a gold pair counts as wrong."""
+    out: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for v in votes:
+        gold = pairs[v.pair_id].metadata.get("gold")
+        if gold is not None and v.choice != "skip":
+            out[v.annotator][1] += 1
+            out[v.annotator][0] += v.choice == gold
+    return {name: (right, total) for name, (right, total) in out.items()}
 
 
 def majority_agreement(votes: list) -> dict[str, tuple[int, int]]:
@@ -63,7 +77,7 @@ def length_bias(votes: list, pairs: dict) -> tuple[int, int]:
 def annotator_stats(store: LabelStore) -> dict:
     """The numbers `align label stats --json` prints and the admin view shows."""
     votes, pairs = store.votes(), {p.id: p for p in store.pairs()}
-    agreement = majority_agreement(votes)
+    agreement, gold = majority_agreement(votes), gold_accuracy(pairs, votes)
     rows = []
     for name in sorted({v.annotator for v in votes}):
         mine = [v for v in votes if v.annotator == name]
@@ -73,7 +87,9 @@ def annotator_stats(store: LabelStore) -> dict:
         rows.append({"annotator": name, "votes": len(mine), "median_seconds": seconds,
                      "too_fast": seconds is not None and seconds < TOO_FAST,
                      "majority_agreement": agree / counted if counted else None, "majority_pairs": counted,
-                     "longer_wins": longer / sided if sided else None, "length_votes": sided})
+                     "longer_wins": longer / sided if sided else None, "length_votes": sided,
+                     "gold_accuracy": gold[name][0] / gold[name][1] if name in gold else None,
+                     "gold_votes": gold.get(name, (0, 0))[1]})
     longer, sided = length_bias(votes, pairs)
     return {"annotators": rows, "longer_wins": longer / sided if sided else None, "length_votes": sided,
             "too_fast_seconds": TOO_FAST}
@@ -148,13 +164,14 @@ def _pct(x) -> str:
 def stats_markdown(stats: dict) -> str:
     """The admin view's annotator-quality section (and `align label stats`)."""
     lines = ["### Annotator quality", "",
-             "| annotator | votes | agrees with majority | median s/vote | longer answer wins |",
-             "|---|---|---|---|---|"]
+             "| annotator | votes | agrees with majority | median s/vote | longer answer wins | gold right |",
+             "|---|---|---|---|---|---|"]
     for r in stats["annotators"]:
         seconds = "n/a" if r["median_seconds"] is None else f"{r['median_seconds']:.1f}"
         fast = " **too fast**" if r["too_fast"] else ""
         lines.append(f"| {r['annotator']} | {r['votes']} | {_pct(r['majority_agreement'])} "
-                     f"({r['majority_pairs']} pairs) | {seconds}{fast} | {_pct(r['longer_wins'])} |")
+                     f"({r['majority_pairs']} pairs) | {seconds}{fast} | {_pct(r['longer_wins'])} | "
+                     f"{_pct(r['gold_accuracy'])} ({r['gold_votes']}) |")
     lines += ["", f"Length bias: the longer answer won {_pct(stats['longer_wins'])} of {stats['length_votes']} "
                   "votes between answers of different length (near 50% is neutral)."]
     return "\n".join(lines)

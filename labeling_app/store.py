@@ -59,6 +59,9 @@ ORDERS = {
                    "abs(json_extract(p.metadata, '$.reward_gap')), p.id",
 }
 
+# A gold pair's known answer ('a' or 'b'), in its metadata: `align label import --gold`.
+GOLD = "json_extract(p.metadata, '$.gold')"
+
 # Stored choices; all but skip fill one of a pair's K slots.
 STORED_CHOICES = ("a", "b", "tie", "both_bad", "skip")
 
@@ -219,10 +222,13 @@ class User:
 
 
 class LabelStore:
-    def __init__(self, path: str | Path, *, create: bool = False, order: str = "fifo"):
+    def __init__(self, path: str | Path, *, create: bool = False, order: str = "fifo", gold_rate: float = 0.0):
         if order not in ORDERS:
             raise AlignError(f"order {order!r}: expected one of {', '.join(ORDERS)}")
+        if not 0.0 <= gold_rate <= 1.0:
+            raise AlignError(f"gold rate {gold_rate}: expected a share between 0 and 1")
         self.order = order  # which pair a new presentation picks among the fullest (`ORDERS`)
+        self.gold_rate = gold_rate  # the chance that a new presentation is a gold pair the annotator has not seen
         self.path = Path(path)
         if not create and not self.path.exists():
             raise AlignError(f"{self.path}: no such label database; create it with `align label import` "
@@ -410,7 +416,11 @@ class LabelStore:
     def present(self, annotator: str, overlap: int, lease_seconds: float) -> Presentation | None:
         """The pair this annotator should judge now: their current lease, or a new one; None when done."""
         with self._write() as db:
-            return _present(db, annotator, overlap, lease_seconds, time.time(), self.order)
+            return self._show(db, annotator, overlap, lease_seconds, time.time())
+
+    def _show(self, db: sqlite3.Connection, annotator: str, overlap: int, lease_seconds: float,
+              now: float) -> Presentation | None:
+        return _present(db, annotator, overlap, lease_seconds, now, self.order, self.gold_rate)
 
     def record_vote(self, annotator: str, presentation_id: str, picked: str, reason: str, overlap: int,
                     lease_seconds: float) -> VoteOutcome:
@@ -436,7 +446,7 @@ class LabelStore:
             else:
                 _insert_vote(db, lease, _stored_choice(picked, lease["left_side"]), reason, now)
                 status = "recorded"
-            shown = _present(db, annotator, overlap, lease_seconds, now, self.order)
+            shown = self._show(db, annotator, overlap, lease_seconds, now)
             return VoteOutcome(status, presentation_id, shown)
 
     def undo(self, annotator: str, vote_id: str, overlap: int, lease_seconds: float) -> UndoOutcome:
@@ -448,7 +458,7 @@ class LabelStore:
             row = db.execute("SELECT * FROM votes WHERE annotator = ? AND undone_at IS NULL "
                              "ORDER BY voted_at DESC, rowid DESC LIMIT 1", (annotator,)).fetchone()
             if not row or row["vote_id"] != vote_id or not _exists(db, annotator):
-                return UndoOutcome(None, _present(db, annotator, overlap, lease_seconds, now, self.order))
+                return UndoOutcome(None, self._show(db, annotator, overlap, lease_seconds, now))
             vote = _vote(row)
             db.execute("UPDATE votes SET undone_at = ? WHERE vote_id = ?", (now, vote_id))
             if vote.choice != "skip":
@@ -458,7 +468,7 @@ class LabelStore:
             db.execute("DELETE FROM leases WHERE annotator = ?", (annotator,))
             if _has_slot(db, vote.pair_id, annotator, overlap, now):
                 _lease(db, annotator, vote.pair_id, vote.left_side, now, lease_seconds)
-            return UndoOutcome(vote, _present(db, annotator, overlap, lease_seconds, now, self.order))
+            return UndoOutcome(vote, self._show(db, annotator, overlap, lease_seconds, now))
 
     def last_vote_id(self, annotator: str) -> str | None:
         row = self._db().execute("SELECT vote_id FROM votes WHERE annotator = ? AND undone_at IS NULL "
@@ -471,10 +481,12 @@ class LabelStore:
         done = db.execute("SELECT count(*) FROM votes WHERE annotator = ? AND undone_at IS NULL",
                           (annotator,)).fetchone()[0]
         # Open pairs minus the open ones they already judged: two index counts, not a probe per pair.
-        open_pairs = db.execute("SELECT count(*) FROM pairs WHERE filled < ?", (overlap,)).fetchone()[0]
+        open_pairs = db.execute(f"SELECT count(*) FROM pairs p WHERE filled < ? AND {GOLD} IS NULL",
+                                (overlap,)).fetchone()[0]
         judged_open = db.execute(
             "SELECT count(*) FROM votes v JOIN pairs p ON p.id = v.pair_id "
-            "WHERE v.annotator = ? AND v.undone_at IS NULL AND p.filled < ?", (annotator, overlap)).fetchone()[0]
+            f"WHERE v.annotator = ? AND v.undone_at IS NULL AND p.filled < ? AND {GOLD} IS NULL",
+            (annotator, overlap)).fetchone()[0]
         return done, open_pairs - judged_open
 
     # -- reading it all out (admin view, export)
@@ -508,14 +520,16 @@ def _exists(db: sqlite3.Connection, annotator: str) -> bool:
 
 
 def _has_slot(db: sqlite3.Connection, pair_id: int, annotator: str, overlap: int, now: float) -> bool:
-    filled = db.execute("SELECT filled FROM pairs WHERE id = ?", (pair_id,)).fetchone()[0]
+    filled, gold = db.execute(f"SELECT filled, {GOLD} FROM pairs p WHERE id = ?", (pair_id,)).fetchone()
+    if gold is not None:
+        return True  # gold pairs are for everyone
     held = db.execute("SELECT count(*) FROM leases WHERE pair_id = ? AND expires_at > ? AND annotator != ?",
                       (pair_id, now, annotator)).fetchone()[0]
     return filled + held < overlap
 
 
 def _present(db: sqlite3.Connection, annotator: str, overlap: int, lease_seconds: float,
-             now: float, order: str = "fifo") -> Presentation | None:
+             now: float, order: str = "fifo", gold_rate: float = 0.0) -> Presentation | None:
     if not _exists(db, annotator):
         return None
     lease = db.execute("SELECT * FROM leases WHERE annotator = ?", (annotator,)).fetchone()
@@ -526,6 +540,8 @@ def _present(db: sqlite3.Connection, annotator: str, overlap: int, lease_seconds
     pair_id = _next_pair(db, annotator, overlap, now, order)
     if pair_id is None:
         return None
+    if gold_rate and random.random() < gold_rate:  # a gold pair, mixed in where a regular one would come
+        pair_id = _next_gold(db, annotator) or pair_id
     return _lease(db, annotator, pair_id, random.choice("ab"), now, lease_seconds)
 
 
@@ -539,12 +555,22 @@ def _insert_vote(db: sqlite3.Connection, lease: sqlite3.Row, choice: str, reason
     db.execute("DELETE FROM leases WHERE annotator = ?", (lease["annotator"],))
 
 
+def _next_gold(db: sqlite3.Connection, annotator: str) -> int | None:
+    """A gold pair (metadata `gold`: the known answer) this annotator has not judged, at random; every annotator
+    may judge every gold pair (no K)."""
+    row = db.execute(
+        f"SELECT p.id FROM pairs p WHERE {GOLD} IS NOT NULL AND NOT EXISTS (SELECT 1 FROM votes v WHERE "
+        "v.annotator = ? AND v.pair_id = p.id AND v.undone_at IS NULL) ORDER BY random() LIMIT 1",
+        (annotator,)).fetchone()
+    return row[0] if row else None
+
+
 def _next_pair(db: sqlite3.Connection, annotator: str, overlap: int, now: float, order: str = "fifo") -> int | None:
     # Fullest pairs first, so pairs reach K votes and can be exported while the labeling goes on,
     # and overlapping votes for agreement accumulate from the start; then `ORDERS[order]`.
     row = db.execute(
         "SELECT p.id FROM pairs p "
-        "WHERE p.filled < :k "
+        f"WHERE p.filled < :k AND {GOLD} IS NULL "
         "AND NOT EXISTS (SELECT 1 FROM votes v WHERE v.annotator = :u AND v.pair_id = p.id AND v.undone_at IS NULL) "
         "AND p.filled + (SELECT count(*) FROM leases l WHERE l.pair_id = p.id AND l.expires_at > :now "
         "                AND l.annotator != :u) < :k "
