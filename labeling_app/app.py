@@ -23,11 +23,13 @@ Gradio endpoints (api names): `load` (what the page calls when it opens), `vote`
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -170,6 +172,8 @@ class LabelingApp:
         self.guidelines = guidelines
         self._exports: str | None = None  # a folder of our own for export files Gradio then serves
         self._hashing: anyio.Lock | None = None  # logins one at a time (made inside the event loop)
+        # scrypt runs on a thread of its own, never on the pool whose threads store votes
+        self._hash_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="align-scrypt")
 
     # -- what an annotator sees and does
 
@@ -249,8 +253,9 @@ class LabelingApp:
             raise gr.Error(str(e), print_exception=False) from None
         return out
 
-    def sweep_exports(self, now: float | None = None) -> None:
-        """Delete export files older than EXPORT_HOURS: ours, and the copies Gradio's file cache serves."""
+    def sweep_exports(self, now: float | None = None, only: str | None = None) -> None:
+        """Delete export files older than EXPORT_HOURS (or, with `only`, every export of that name, just
+        downloaded): ours, and the copies Gradio's file cache serves."""
         from gradio.utils import get_upload_folder
 
         now = time.time() if now is None else now
@@ -258,14 +263,14 @@ class LabelingApp:
             for root, _, names in os.walk(folder):
                 for name in filter(EXPORT_NAME.fullmatch, names):
                     path = os.path.join(root, name)
-                    if now - os.path.getmtime(path) > EXPORT_HOURS * 3600:
+                    if name == only or (only is None and now - os.path.getmtime(path) > EXPORT_HOURS * 3600):
                         os.remove(path)
 
     # -- sessions
 
     async def login(self, username: str, password: str) -> bool:
-        """Gradio's auth function, throttled (`throttle.py`). Logins run one at a time: the verdict, scrypt (~90 ms,
-        off the event loop) and the failure it may record, so parallel guesses each see the ones before them."""
+        """The login check, throttled (`throttle.py`). Logins run one at a time: the verdict, scrypt (~90 ms, on a
+        thread of its own) and the failure it may record, so parallel guesses each see the ones before them."""
         address = throttle.CLIENT_ADDRESS.get()
         self._hashing = self._hashing or anyio.Lock()
         async with self._hashing:
@@ -279,8 +284,8 @@ class LabelingApp:
                 log.warning("login for %r from %s refused: %s for %.0f s more", username, address, why, verdict.wait)
                 return False
             account = await anyio.to_thread.run_sync(self.store.user, username)
-            ok = await anyio.to_thread.run_sync(verify_password, password,
-                                                account.password_hash if account else None)
+            ok = await asyncio.get_running_loop().run_in_executor(
+                self._hash_pool, verify_password, password, account.password_hash if account else None)
             if ok:
                 await anyio.to_thread.run_sync(self.store.clear_login_failures, username)
             else:

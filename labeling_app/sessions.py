@@ -17,6 +17,8 @@ saying why); a script (`gradio_client`, `LabelingClient`) gets JSON and the cook
 from __future__ import annotations
 
 import html
+import os
+from functools import partial
 
 import anyio
 from fastapi import FastAPI, Request
@@ -96,7 +98,7 @@ def add_session_routes(server: FastAPI, labeling) -> None:
 class PageAccess:
     """ASGI middleware: the page (`GET /`) sends a visitor without a live session to the login form; Gradio's file
     route, which serves what handlers return (here only exports: the annotator page has no file), is for admins
-    alone, and an hour-old export is deleted before any file is served."""
+    alone; an export is deleted once downloaded, and an hour-old one before any file is served."""
 
     def __init__(self, app, labeling):
         self.app, self.labeling = app, labeling
@@ -116,4 +118,24 @@ class PageAccess:
                     response = JSONResponse({"error": "files (exports) are for admins only"}, status_code=403)
                     await response(scope, receive, send)
                     return
+                await self.serve_once(scope, receive, send)
+                return
         await self.app(scope, receive, send)
+
+    async def serve_once(self, scope, receive, send) -> None:
+        """An export served whole (200 to a GET) is deleted at once: ours and Gradio's cached copy."""
+        from urllib.parse import unquote
+
+        from labeling_app.app import EXPORT_NAME
+
+        name = os.path.basename(unquote(scope["path"].split("/file=", 1)[1]))
+        status = {}
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        await self.app(scope, receive, sending)
+        if scope["method"] == "GET" and status.get("code") == 200 and EXPORT_NAME.fullmatch(name):
+            await anyio.to_thread.run_sync(partial(self.labeling.sweep_exports, only=name))

@@ -96,3 +96,49 @@ def test_html_in_responses_is_shown_as_text_and_never_runs_and_keys_vote(server,
     assert "Which is safer?" in page.inner_text("#prompt")
     with LabelStore(server.db) as store:
         assert store.votes("ann") == []
+
+
+def test_an_admin_exports_in_the_browser_and_the_file_goes_once_downloaded(server, tmp_path):
+    """The admin tab's Export shows the file without fetching it (so it is still there to download); the
+    download gets the votes, and the export is deleted on the server right after."""
+    import glob
+    import os
+    import time
+
+    from labeling_app.client import LabelingClient
+    from labeling_app.passwords import hash_password
+
+    with LabelStore(server.db) as store:
+        if store.user("boss") is None:
+            store.add_user("boss", hash_password("boss-password-1"), is_admin=True)
+    ann = LabelingClient(server.url, "ann", PASSWORD)  # one vote, so there is something to export
+    ann.login()
+    ann.load()
+    ann.vote("right")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+        page.goto(server.url)
+        page.locator("input").first.wait_for(timeout=30_000)
+        page.locator("input").first.fill("boss")
+        page.locator("input[type=password]").fill("boss-password-1")
+        page.keyboard.press("Enter")
+        page.get_by_role("tab", name="Admin").click(timeout=30_000)
+        page.get_by_label("raw").check()
+        page.get_by_role("button", name="Export").click()
+        link = page.locator("a[download]").first
+        link.wait_for(timeout=30_000)
+        name = os.path.basename(link.get_attribute("href").split("file=", 1)[1])
+        time.sleep(1.0)  # had the page fetched it to show it, the export would be gone by now
+        assert glob.glob(f"/tmp/align-label-export-*/{name}")
+        with page.expect_download(timeout=30_000) as download:
+            link.click()
+        saved = tmp_path / name
+        download.value.save_as(saved)
+        browser.close()
+    rows = [line for line in saved.read_text().splitlines() if line.strip()]
+    assert rows and all('"annotator": "ann"' in r for r in rows)
+    deadline = time.monotonic() + 10
+    while glob.glob(f"/tmp/align-label-export-*/{name}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not glob.glob(f"/tmp/align-label-export-*/{name}")

@@ -309,33 +309,46 @@ def test_limits_hold_on_every_path(server):
     assert upload.status_code == 403
 
 
-def test_exports_are_for_admins_and_expire(server):
+def test_exports_are_for_admins_deleted_once_downloaded_or_after_an_hour(server):
     """Gradio serves an export through its file route from a cached copy: that route is for admins alone (the
-    annotator page has no file); an export an hour old is deleted, ours and the cached copy, and not served."""
+    annotator page has no file); an export downloaded whole is deleted, ours and the cached copy, and so is one
+    an hour old that nobody fetched."""
     import glob
     import os
 
-    from gradio.utils import get_upload_folder
     from gradio_client import Client
 
-    admin = Client(server.url, auth=("root", ADMIN_PASSWORD), verbose=False)
-    downloaded = os.path.realpath(admin.predict("raw", 1, 0, api_name="/export"))
-    name = os.path.basename(downloaded)
-    [ours] = glob.glob(f"/tmp/align-label-export-*/{name}")
-    copies = {os.path.realpath(p) for p in glob.glob(os.path.join(get_upload_folder(), "*", name))}
-    [cached] = copies - {downloaded} or copies  # gradio_client downloads into the same temp folder by default
+    admin = Client(server.url, auth=("root", ADMIN_PASSWORD), verbose=False, download_files=False)
+
+    def export_now() -> tuple[str, str]:
+        data = admin.predict("raw", 1, 0, api_name="/export")  # not downloaded: the server's cached path
+        cached = data["path"] if isinstance(data, dict) else data.path
+        [ours] = glob.glob(f"/tmp/align-label-export-*/{os.path.basename(cached)}")
+        return cached, ours
+
+    cached, ours = export_now()
     url = f"/gradio_api/file={cached}"
     ann = logged_in_client(server.url, "ann")
     refused = ann.get(url)
     assert refused.status_code == 403 and "admins only" in refused.text
+    assert os.path.exists(cached) and os.path.exists(ours)
     root = httpx.Client(base_url=server.url)
     assert root.post("/login", data={"username": "root", "password": ADMIN_PASSWORD}).status_code == 200
+    content = open(ours, "rb").read()
     served = root.get(url)
-    assert served.status_code == 200 and served.content == open(ours, "rb").read()
+    assert served.status_code == 200 and served.content == content and b'"annotator"' in content
+    deadline = time.monotonic() + 10  # deleted once the response has gone out, just after the client has it
+    while (os.path.exists(ours) or os.path.exists(cached)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(ours) and not os.path.exists(cached)  # downloaded once: gone
+    assert root.get(url).status_code != 200
+
+    time.sleep(1.1)  # export names carry the second
+    cached, ours = export_now()
     for path in (ours, cached):
         hour_ago = os.path.getmtime(path) - 3700
         os.utime(path, (hour_ago, hour_ago))
-    assert root.get(url).status_code != 200
+    assert ann.get(f"/gradio_api/file={cached}").status_code == 403  # any file request sweeps first
     assert not os.path.exists(ours) and not os.path.exists(cached)
 
     # one line each, no Python exception text: ours for a missing number, Gradio's own for an unknown kind
