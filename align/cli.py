@@ -198,8 +198,9 @@ def cmd_run(args) -> int:
             [a for s in args.stage or [] for a in ("--stage", s)] + (["--verbose"] if args.verbose else [])
         return launch(args.nproc, argv, recipe)
     run_recipe(recipe, only=args.stage)
-    from align.distributed import is_main
+    from align.distributed import is_main, teardown
 
+    teardown()  # several processes: leave the process group together, before the interpreter's shutdown
     if is_main():
         print(f"done: {recipe.output_dir}/report.md")
     return 0
