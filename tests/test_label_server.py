@@ -192,16 +192,20 @@ def logged_in_client(url: str, user: str) -> httpx.Client:
     return client
 
 
+def new_annotator(server, name: str) -> tuple[httpx.Client, str]:
+    """A new account, logged in (an httpx client holding its cookie), and the presentation id of its first pair."""
+    with store_of(server) as store:
+        store.add_user(name, hash_password(PASSWORD))
+    page = LabelingClient(server.url, name, PASSWORD)
+    page.login()
+    return logged_in_client(server.url, name), page.load().presentation_id
+
+
 def test_cross_site_requests_are_refused_and_store_nothing(server):
     """Issue #12's probe, repeated: behind a real host name, a page on another site holding only the annotator's
     cookie gets no session token, no CORS headers and no vote; same-site requests (an `Origin` naming the host
     the request was sent to, as a proxy forwards it) and clients that send no `Origin` keep working."""
-    with store_of(server) as store:
-        store.add_user("carol", hash_password(PASSWORD))
-    carol = logged_in_client(server.url, "carol")
-    page = LabelingClient(server.url, "carol", PASSWORD)
-    page.login()
-    pid = page.load().presentation_id
+    carol, pid = new_annotator(server, "carol")
     proxied = {"Host": "labels.example.com"}
 
     token = carol.get("/gradio_api/token", headers={**proxied, "Origin": EVIL})
@@ -277,12 +281,7 @@ def test_limits_hold_on_every_path(server):
     nothing stored); a body over 64 KB gets 413 from its Content-Length or, chunked, as it grows; uploads are off."""
     from gradio_client import Client
 
-    with store_of(server) as store:
-        store.add_user("dave", hash_password(PASSWORD))
-    dave = logged_in_client(server.url, "dave")
-    page = LabelingClient(server.url, "dave", PASSWORD)
-    page.login()
-    pid = page.load().presentation_id
+    dave, pid = new_annotator(server, "dave")
     long_reason = "x" * 2001
     assert dave.post("/label/api/vote", json={"presentation_id": pid, "choice": "left",
                                               "reason": long_reason}).status_code == 422
