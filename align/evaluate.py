@@ -81,7 +81,7 @@ def evaluate(policy_spec: str, baseline_spec: str, reward_spec: str, prompts_pat
 
 
 def signals(prompts, texts: dict, reference, ref_tokenizer, wins: list[float], judges: list,
-            finished: dict | None = None) -> dict:
+            finished: dict) -> dict:
     """What tells a real gain from a hacked one (align.hacking), the baseline taken as the reference: the win
     rate's bootstrap interval, the length-controlled win rate, and per side the judges' reward, the baseline's
     NLL of the answers, distinct-2 and repetition; the verdict reads baseline = before, policy = after."""
@@ -89,7 +89,7 @@ def signals(prompts, texts: dict, reference, ref_tokenizer, wins: list[float], j
     out = {"win_rate_ci": bootstrap_ci(wins), "lc_win_rate": lc_win_rate(wins, words["policy"], words["baseline"])}
     for side in ("policy", "baseline"):
         for key, value in answer_signals(prompts, texts[side], reference, ref_tokenizer, judges,
-                                              (finished or {}).get(side)).items():
+                                              finished[side]).items():
             out[f"{key}_{side}"] = value
     return out
 

@@ -171,7 +171,7 @@ class LabelingApp:
         self.lease_seconds = lease_seconds
         self.guidelines = guidelines
         self._exports: str | None = None  # a folder of our own for export files Gradio then serves
-        self._hashing: anyio.Lock | None = None  # logins one at a time (made inside the event loop)
+        self._login_lock: anyio.Lock | None = None  # logins one at a time (made inside the event loop)
         # scrypt runs on a thread of its own, never on the pool whose threads store votes
         self._hash_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="align-scrypt")
 
@@ -272,8 +272,8 @@ class LabelingApp:
         """The login check, throttled (`throttle.py`). Logins run one at a time: the verdict, scrypt (~90 ms, on a
         thread of its own) and the failure it may record, so parallel guesses each see the ones before them."""
         address = throttle.CLIENT_ADDRESS.get()
-        self._hashing = self._hashing or anyio.Lock()
-        async with self._hashing:
+        self._login_lock = self._login_lock or anyio.Lock()
+        async with self._login_lock:
             now = time.time()
             since = now - throttle.WINDOW
             verdict = throttle.decide(

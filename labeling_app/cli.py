@@ -131,16 +131,15 @@ def _add_quality_parsers(sub) -> None:
         description="Per annotator: votes, agreement with the others' majority (leave-one-out, on pairs with two "
                     "or more other verdicts), median seconds per vote (under 2 s is marked too fast), and how often "
                     "the longer answer won; the same for the whole team.")
-    stats.add_argument("--db", default="labels.sqlite", help=DB_HELP)
-    stats.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     board = sub.add_parser(
         "leaderboard", help="rank models from the votes (Bradley-Terry, bootstrap interval)",
         description="For pairs whose metadata names model_a and model_b (rollouts of several checkpoints): a "
                     "Bradley-Terry fit of the verdicts, ties as half wins, as a score on the Elo scale (mean 1000) "
                     "with a percentile bootstrap 95%% interval over votes.")
-    board.add_argument("--db", default="labels.sqlite", help=DB_HELP)
     board.add_argument("--rounds", type=int, default=1000, help="bootstrap rounds (default 1000)")
-    board.add_argument("--json", action="store_true", help="JSON rows instead of a table")
+    for parser in (stats, board):
+        parser.add_argument("--db", default="labels.sqlite", help=DB_HELP)
+        parser.add_argument("--json", action="store_true", help="JSON instead of a table")
 
 
 def _add_users_parser(sub) -> None:

@@ -78,10 +78,12 @@ def annotator_stats(store: LabelStore) -> dict:
     """The numbers `align label stats --json` prints and the admin view shows."""
     votes, pairs = store.votes(), {p.id: p for p in store.pairs()}
     agreement, gold = majority_agreement(votes), gold_accuracy(pairs, votes)
+    by_annotator: dict[str, list] = defaultdict(list)
+    for v in votes:
+        by_annotator[v.annotator].append(v)
     rows = []
-    for name in sorted({v.annotator for v in votes}):
-        mine = [v for v in votes if v.annotator == name]
-        seconds = median([v.voted_at - v.shown_at for v in mine])
+    for name, mine in sorted(by_annotator.items()):
+        seconds = median([v.seconds for v in mine])
         agree, counted = agreement.get(name, (0, 0))
         longer, sided = length_bias(mine, pairs)
         rows.append({"annotator": name, "votes": len(mine), "median_seconds": seconds,

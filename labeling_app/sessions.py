@@ -123,10 +123,9 @@ class PageAccess:
         await self.app(scope, receive, send)
 
     async def serve_once(self, scope, receive, send) -> None:
-        """An export served whole (200 to a GET) is deleted at once: ours and Gradio's cached copy."""
+        """An export served whole (200 to a GET) is deleted at once: ours and Gradio's cached copy (`sweep_exports`
+        deletes only files named as exports)."""
         from urllib.parse import unquote
-
-        from labeling_app.app import EXPORT_NAME
 
         name = os.path.basename(unquote(scope["path"].split("/file=", 1)[1]))
         status = {}
@@ -137,5 +136,5 @@ class PageAccess:
             await send(message)
 
         await self.app(scope, receive, sending)
-        if scope["method"] == "GET" and status.get("code") == 200 and EXPORT_NAME.fullmatch(name):
+        if scope["method"] == "GET" and status.get("code") == 200:
             await anyio.to_thread.run_sync(partial(self.labeling.sweep_exports, only=name))
