@@ -128,6 +128,10 @@ class DPOStage(PolicyStage, PolicyEval):
     nll_weight: float = 0.0  # > 0 adds an NLL term on chosen (RPO), against falling chosen log-probs
     label_smoothing: float = 0.0  # robust / exo_pair only
     ref_cache: bool = True  # reference log-probs computed once and kept on disk (ALIGN_CACHE/ref_logps)
+    # One `prompt + chosen + rejected` sequence per pair, the prompt computed once (sdpa/eager/flex attention).
+    # auto: on where a probe pair matches the two-sequence log-probs, else off with one log line; true: on or exit 2.
+    prefix_sharing: Literal["auto"] | bool = "auto"
+    packing: bool = True  # with prefix sharing: several pairs per row (block-diagonal masks), less padding
 
 
 @dataclass
