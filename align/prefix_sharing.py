@@ -120,6 +120,8 @@ def supports(model) -> str | None:
     impl = getattr(model.config, "_attn_implementation", None)
     if impl not in DENSE_MASK_ATTENTION + ("flex_attention",):
         return f"attention '{impl}' takes no custom 4D mask"
+    if impl == "flex_attention" and model.device.type == "cpu":
+        return "FlexAttention has no backward pass on a CPU"
     for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"):
         if getattr(config, attr, None) not in (None, 1.0):
             return f"the model scales its logits ({attr})"

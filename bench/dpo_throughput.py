@@ -1,8 +1,8 @@
 """DPO throughput: TRL's DPOTrainer used directly, in two configurations, versus the align DPO stage.
 
-    python bench/dpo_throughput.py                  # a 4-layer, 256-wide random model (~3 min)
+    python bench/dpo_throughput.py                  # a 4-layer, 256-wide random model, the tiny data (~4 min)
+    python bench/dpo_throughput.py --long-prompts   # chat-shaped pairs: ~210-token prompts, ~44-token answers
     python bench/dpo_throughput.py --model smollm2  # the real 135M model (slow on a CPU)
-    python bench/dpo_throughput.py --rounds 2       # every configuration twice, alternating; medians
 
 One run of this script measures four configurations on the same model, data and settings:
 
@@ -12,20 +12,26 @@ One run of this script measures four configurations on the same model, data and 
                   no reference model is loaded; the reference log-probs are computed once, through
                   the policy before its first step, then read from the dataset (TRL's own
                   `precompute_ref_batch_size`, default the training batch size).
-  align-cold      the align DPO stage with `ref_cache: true` (its default), empty cache: the same
-                  one-off precompute as trl-precompute (at 4x the training batch), stored on disk.
+  align-cold      the align DPO stage with its defaults, empty cache: the same one-off precompute (at 4x
+                  the training batch), stored on disk; every pair one shared-prompt sequence
+                  (`prefix_sharing: auto`, packed), so the prompt is computed once for chosen and
+                  rejected, in the reference pass and in training.
   align-warm      the same stage again: the reference log-probs are read from that cache, no
                   reference pass at all.
 
 Each is a child process of its own, so its peak RSS is its own; each child times model loading,
-tokenization, reference passes and training (everything a user waits for), and counts the same
-tokens (prompt + chosen and prompt + rejected, per epoch). Activation checkpointing is off in all
-four; each child runs `--threads` torch threads (default 1). Reported: tokens/s, peak RSS, and every run's speed and memory against both TRL
-configurations. With `--rounds N` the configurations run in turn N times (each round with a new,
-empty align cache); reported are the median seconds, the largest peak RSS, and as speed the median
-of the per-round ratios (a round's four runs are back to back, so load from other work on a shared
-machine touches their ratios least).
-Targets: cold >= 0.95x TRL, warm >= 1.25x TRL.
+tokenization, reference passes, training and saving the model (everything a user waits for; TRL's
+children call `trainer.save_model()` as a TRL script would), and counts the same tokens (prompt + chosen
+and prompt + rejected, per epoch). Activation checkpointing is off in all four; each child runs `--threads`
+torch threads (default 1). The configurations run in turn `--rounds` times (default 3; each round with a
+new, empty align cache); reported are the median seconds, the largest peak RSS, and as speed the median of
+the per-round ratios (a round's four runs are back to back, so load from other work on a shared machine
+touches their ratios least).
+
+The last line is `RESULT {json}`: `vs_trl_default` and `vs_trl_best` (TRL's seconds over align cold's, against
+TRL's defaults and against its precompute), `warm_vs_trl_best`, and `rss_vs_trl_best` (align's larger peak RSS
+over TRL precompute's). Targets: `vs_trl_best` >= 1.3 with --long-prompts and >= 1.1 on the tiny data;
+`rss_vs_trl_best` <= 1.
 """
 
 from __future__ import annotations
@@ -45,24 +51,52 @@ DATA = REPO / "recipes" / "data" / "tiny_prefs.jsonl"
 
 
 def settings(args) -> dict:
-    return dict(lr=1e-4, beta=0.1, batch_size=args.batch_size, max_length=64, epochs=args.epochs, seed=0,
-                pairs=args.pairs)
+    return dict(lr=1e-4, beta=0.1, batch_size=args.batch_size, max_length=320 if args.long_prompts else 64,
+                epochs=args.epochs, seed=0, pairs=args.pairs, long_prompts=args.long_prompts)
 
 
-def pairs(n: int) -> list[dict]:
-    rows = [json.loads(line) for line in DATA.read_text().splitlines()][:n]
-    return [{"prompt": [{"role": "user", "content": r["prompt"]}],
-             "chosen": [{"role": "assistant", "content": r["chosen"]}],
-             "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows]
+SYSTEM = ("You are a careful assistant. Answer the last question in the conversation, use the earlier turns "
+          "as context, keep to plain words, and do not add greetings, apologies or closing remarks.")
 
 
-def count_tokens(model_path: str, rows: list[dict], epochs: int) -> int:
+def pairs(n: int, long_prompts: bool = False) -> list[dict]:
+    """`n` preference pairs from the tiny data. With `long_prompts`, chat-shaped: a system turn and earlier
+    user/assistant turns before the question (about 200 tokens of prompt), and answers of about 40 tokens
+    (the chosen answer and the rejected one each followed by the answers to the next rows' questions)."""
+    rows = [json.loads(line) for line in DATA.read_text().splitlines()]
+    out = []
+    for i in range(n):
+        r = rows[i % len(rows)]
+        prompt = [{"role": "user", "content": r["prompt"]}]
+        chosen, rejected = r["chosen"], r["rejected"]
+        if long_prompts:
+            history = [rows[(i + 7 * k + 1) % len(rows)] for k in range(3)]
+            prompt = [{"role": "system", "content": SYSTEM}]
+            for h in history:
+                prompt += [{"role": "user", "content": h["prompt"]}, {"role": "assistant", "content": h["chosen"]}]
+            prompt.append({"role": "user", "content": r["prompt"]})
+            more = [rows[(i + k + 1) % len(rows)] for k in range(2)]
+            chosen = " ".join([chosen] + [m["chosen"] for m in more])
+            rejected = " ".join([rejected] + [m["rejected"] for m in more])
+        out.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
+                    "rejected": [{"role": "assistant", "content": rejected}]})
+    return out
+
+
+def count_tokens(model_path: str, rows: list[dict], epochs: int) -> tuple[int, float, float]:
+    """Tokens per epoch counted as two sequences (prompt + chosen, prompt + rejected), times epochs; and the
+    mean prompt and answer lengths in tokens."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_path)
-    n = sum(len(tok.apply_chat_template(r["prompt"] + r[k], tokenize=True, return_dict=True)["input_ids"])
-            for r in rows for k in ("chosen", "rejected"))
-    return n * epochs
+
+    def length(messages, generation_prompt=False):
+        return len(tok.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                           add_generation_prompt=generation_prompt)["input_ids"])
+
+    n = sum(length(r["prompt"] + r[k]) for r in rows for k in ("chosen", "rejected"))
+    prompt = statistics.mean(length(r["prompt"], True) for r in rows)
+    return n * epochs, prompt, n / (2 * len(rows)) - prompt
 
 
 def child_trl(model_path: str, s: dict, out: str, precompute: bool = False) -> None:
@@ -83,10 +117,12 @@ def child_trl(model_path: str, s: dict, out: str, precompute: bool = False) -> N
                        report_to=[], save_strategy="no", logging_steps=50, disable_tqdm=True,
                        gradient_checkpointing=False,  # TRL defaults to True; align's default is False
                        precompute_ref_log_probs=precompute)
-    trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(pairs(s["pairs"])),
+    trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(pairs(s["pairs"], s["long_prompts"])),
                          processing_class=tok)
     trainer.train()
-    report(time.perf_counter() - t0)
+    t_save = time.perf_counter()
+    trainer.save_model()  # as a TRL script does; align's stage saves its model too
+    report(time.perf_counter() - t0, save_seconds=time.perf_counter() - t_save)
 
 
 def child_align(model_path: str, s: dict, out: str) -> None:
@@ -99,7 +135,7 @@ def child_align(model_path: str, s: dict, out: str) -> None:
     stage = dict(model=model_path, data=str(Path(out) / "pairs.jsonl"), eval_fraction=0.0, lr=s["lr"],
                  beta=s["beta"], batch_size=s["batch_size"], epochs=s["epochs"], max_length=s["max_length"],
                  save_steps=10_000, logging_steps=50, ref_cache=True)
-    Path(stage["data"]).write_text("".join(json.dumps(r) + "\n" for r in pairs(s["pairs"])))
+    Path(stage["data"]).write_text("".join(json.dumps(r) + "\n" for r in pairs(s["pairs"], s["long_prompts"])))
     recipe = recipe_from_dict({"output_dir": out, "seed": s["seed"], "stages": {"dpo": stage}})
     t0 = time.perf_counter()
     metrics = run_stage(recipe, "dpo")  # the stage itself; the run's report.md is not DPO work
@@ -133,7 +169,9 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--rounds", type=int, default=1, help="run every configuration this many times, alternating")
+    p.add_argument("--rounds", type=int, default=3, help="run every configuration this many times, alternating")
+    p.add_argument("--long-prompts", action="store_true",
+                   help="chat-shaped pairs: a system turn and earlier turns (~200-token prompts), ~40-token answers")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per child (OMP_NUM_THREADS). 1 by default, as in bench/ppo_step.py: on a "
                         "shared 2-core machine two OpenMP threads per process made runs 10-40x slower under load")
@@ -163,7 +201,7 @@ def main() -> None:
     else:
         model_path = args.model
     s = settings(args)
-    tokens = count_tokens(model_path, pairs(args.pairs), args.epochs)
+    tokens, prompt_len, answer_len = count_tokens(model_path, pairs(args.pairs, args.long_prompts), args.epochs)
     configs = (("trl", "trl"), ("trl-precompute", "trl-precompute"), ("align-cold", "align"),
                ("align-warm", "align"))
     runs: dict[str, list[dict]] = {name: [] for name, _ in configs}
@@ -186,8 +224,9 @@ def main() -> None:
             "speed_vs_trl_precompute": [a["seconds"] / r["seconds"] for a, r in zip(runs["trl-precompute"], rs)],
         }
 
-    print(f"\nDPO, model {args.model}, {args.pairs} pairs, batch {args.batch_size}, {args.epochs} epoch(s), "
-          f"{tokens} tokens, full fine-tuning, {os.cpu_count()} CPU cores, {args.threads} torch thread(s) per run, "
+    data = "long chat prompts" if args.long_prompts else "the tiny data"
+    print(f"\nDPO, model {args.model}, {args.pairs} pairs of {data} (prompt {prompt_len:.0f} tokens, answer "
+          f"{answer_len:.0f}, mean), batch {args.batch_size}, {args.epochs} epoch(s), {tokens} tokens, full fine-tuning, {os.cpu_count()} CPU cores, {args.threads} torch thread(s) per run, "
           f"{args.rounds} round(s)"
           + (" (median seconds, largest peak RSS, median of per-round speed ratios)" if args.rounds > 1 else ""))
     print(f"{'run':<16}{'seconds':>9}{'tokens/s':>10}{'peak RSS MB':>13}"
@@ -202,7 +241,21 @@ def main() -> None:
             print(f"  {name:<16} seconds per round {' '.join(f'{x:.1f}' for x in r['all_seconds'])}; speed vs trl "
                   f"{' '.join(f'{x:.2f}' for x in r['speed_vs_trl'])}; vs trl-precompute "
                   f"{' '.join(f'{x:.2f}' for x in r['speed_vs_trl_precompute'])}")
-    print(json.dumps({"tokens": tokens, **results}))
+    cold, warm = results["align-cold"], results["align-warm"]
+    summary = {
+        "model": args.model, "long_prompts": args.long_prompts, "pairs": args.pairs, "batch_size": args.batch_size,
+        "epochs": args.epochs, "rounds": args.rounds, "threads": args.threads, "tokens": tokens,
+        "prompt_tokens": round(prompt_len, 1), "answer_tokens": round(answer_len, 1),
+        "seconds": {name: round(r["seconds"], 2) for name, r in results.items()},
+        "peak_rss_mb": {name: round(r["peak_rss_mb"]) for name, r in results.items()},
+        # Speed ratios: the other side's seconds over align's, median of the per-round ratios (> 1: align faster).
+        "vs_trl_default": round(statistics.median(cold["speed_vs_trl"]), 3),
+        "vs_trl_best": round(statistics.median(cold["speed_vs_trl_precompute"]), 3),
+        "warm_vs_trl_best": round(statistics.median(warm["speed_vs_trl_precompute"]), 3),
+        "rss_vs_trl_best": round(max(cold["peak_rss_mb"], warm["peak_rss_mb"]) / best["peak_rss_mb"], 3),
+        "targets": {"vs_trl_best": 1.3 if args.long_prompts else 1.1, "rss_vs_trl_best": 1.0},
+    }
+    print("RESULT " + json.dumps(summary))
 
 
 if __name__ == "__main__":

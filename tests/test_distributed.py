@@ -114,6 +114,7 @@ def test_dpo_on_two_ranks_takes_half_the_steps_with_the_same_reference(tiny_mode
     for m in (one, two):  # the reference is the starting policy: step-0 implicit rewards are 0
         assert abs(m["eval_rewards/chosen_before"]) < 1e-4 and abs(m["eval_rewards/rejected_before"]) < 1e-4
         assert m["eval_loss"] < m["eval_loss_before"]
+        assert m["prefix_sharing"] == "on, pairs packed"  # one shared-prompt sequence per pair on every rank
 
 
 def test_reward_kto_and_rloo_on_two_ranks_share_their_batches(tiny_model, tmp_path):

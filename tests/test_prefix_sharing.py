@@ -204,3 +204,38 @@ def test_auto_turns_on_for_llama(tiny_model, pairs, tmp_path):
     trainer = build(tiny_model, pairs, tmp_path, mode="auto")
     assert trainer.prefix_sharing is True and trainer.prefix_note == "on, pairs packed"
     json.dumps(trainer.prefix_note)
+
+
+def shared_hidden(model_path, attn, layout_, grad=False):
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() and attn == "flex_attention" and grad else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(model_path, attn_implementation=attn, dtype=torch.float32).to(device)
+    shared = {k: v.to(device) for k, v in layout_.items()}
+    mask = prefix_sharing.attention_mask(shared, attn, torch.float32)
+    with torch.set_grad_enabled(grad):
+        hidden = model.model(input_ids=shared["input_ids"], position_ids=shared["position_ids"],
+                             attention_mask=mask).last_hidden_state
+    if grad:
+        hidden.square().mean().backward()
+        return hidden.detach().cpu(), model.model.layers[0].self_attn.q_proj.weight.grad.cpu()
+    return hidden, None
+
+
+PACKED = prefix_sharing.layout([[5, 6, 7, 8], [9, 10]], [[11, 12], [13]], [[14], [15, 16, 17]], pad_id=0, seq_len=7,
+                               pack=True)
+
+
+def test_flex_block_mask_matches_the_dense_mask(tiny_model):
+    """FlexAttention (GPUs; on a CPU it runs forward only) gets a BlockMask with the same pattern."""
+    dense, _ = shared_hidden(tiny_model, "sdpa", PACKED)
+    flex, _ = shared_hidden(tiny_model, "flex_attention", PACKED)
+    assert torch.allclose(dense, flex, atol=1e-5), (dense - flex).abs().max()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's backward needs a GPU")
+def test_flex_backward_matches_the_dense_mask_on_gpu(tiny_model):
+    dense, dense_grad = shared_hidden(tiny_model, "sdpa", PACKED, grad=True)
+    flex, flex_grad = shared_hidden(tiny_model, "flex_attention", PACKED, grad=True)
+    assert torch.allclose(dense, flex, atol=1e-4) and torch.allclose(dense_grad, flex_grad, atol=1e-4)
