@@ -4,9 +4,14 @@
     python bench/ppo_step.py --profile       # also cProfile both runs and print where the time goes
     python bench/ppo_step.py --model smollm2 --rollout-batch-size 8 --mini-batch-size 8 --ppo-epochs 1 \
         --response-length 16 --updates 3     # the real 135M model (49k vocab), ~4 min per round
+    python bench/ppo_step.py --model smollm2 --rollout-batch-size 8 --mini-batch-size 8 --ppo-epochs 1 \
+        --response-length 16 --updates 3 --lora 16 [--rss-phases]   # LoRA PPO on it; align's RSS by phase
+
+The last line is `RESULT {json}`: speed ratio (median of per-round TRL/align time ratios), seconds per
+update and peak RSS of each side, their ratio, the model and the settings.
 
 TRL dropped PPO after 1.12.0, so its side runs in a throwaway venv, `.bench-venvs/trl112`
-(torch 2.13.0 pinned, then trl 1.12.0 with the main venv's transformers/accelerate/datasets),
+(torch 2.13.0 pinned, then trl 1.12.0 with the main venv's transformers/accelerate/datasets/peft),
 created here if missing. Both sides get the same random-weight 4-layer, 256-wide policy, the
 same random-weight reward model (1-output sequence classifier, also the value model's start),
 the same prompts and the same rollout batch, mini-batch, PPO epochs, response length, lr and
@@ -42,12 +47,12 @@ VENV = REPO / ".bench-venvs" / "trl112"
 VENV_PY = VENV / "bin" / "python"
 PROMPTS = REPO / "recipes" / "data" / "tiny_prompts.jsonl"
 # The main venv's versions of TRL's dependencies, so both sides run the same transformers and torch.
-PINS = ["torch==2.13.0", "transformers==5.23.0", "accelerate==1.15.0", "datasets==5.2.0"]
+PINS = ["torch==2.13.0", "transformers==5.23.0", "accelerate==1.15.0", "datasets==5.2.0", "peft==0.21.2"]
 
 
 def ensure_trl_venv() -> None:
     ok = VENV_PY.exists() and subprocess.run(
-        [str(VENV_PY), "-c", "import trl, torch; assert trl.__version__ == '1.12.0' and torch.__version__.startswith('2.13.0')"],
+        [str(VENV_PY), "-c", "import trl, torch, peft; assert trl.__version__ == '1.12.0' and torch.__version__.startswith('2.13.0')"],
         capture_output=True).returncode == 0
     if ok:
         return
@@ -98,21 +103,81 @@ def prompt_ids(policy_dir: str) -> list[list[int]]:
     return [tok(render_prompt(tok, p), add_special_tokens=False)["input_ids"] for p in rows]
 
 
+class PhaseRSS:
+    """Peak resident memory of each phase of a run (`--rss-phases`): Linux's VmHWM read at every phase
+    boundary and reset there (writing 5 to /proc/self/clear_refs), so a phase's peak is its own. Nested
+    phases also count towards the phases around them. Per call: (peak, resident after) in MB."""
+
+    def __init__(self):
+        self.stack, self.calls = [["whole run", 0.0]], {}
+
+    @staticmethod
+    def _status_mb(key: str) -> float:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def _fold(self) -> None:
+        hwm = self._status_mb("VmHWM")
+        for frame in self.stack:
+            frame[1] = max(frame[1], hwm)
+        Path("/proc/self/clear_refs").write_text("5")
+
+    def wrap(self, owner, attr: str, name: str) -> None:
+        fn = getattr(owner, attr)
+
+        def wrapper(*a, **k):
+            self._fold()
+            self.stack.append([name, 0.0])
+            try:
+                return fn(*a, **k)
+            finally:
+                self._fold()
+                _, peak = self.stack.pop()
+                self.calls.setdefault(name, []).append((round(peak, 1), round(self._status_mb("VmRSS"), 1)))
+        setattr(owner, attr, wrapper)
+
+    def report(self) -> dict:
+        self._fold()
+        return {"whole run": [(round(self.stack[0][1], 1), round(self._status_mb("VmRSS"), 1))], **self.calls}
+
+
+def instrument(phases: PhaseRSS) -> None:
+    """Phase boundaries of align's PPO stage: loading, setup, and each part of a step."""
+    import align.stages.ppo as ppo
+    from align.rollouts.hf import HFEngine
+
+    for attr, name in [("load_model", "load policy"), ("BeforeAfter", "before/after report setup"),
+                       ("build_models", "build models (ref, LoRA, value, reward, engine)"),
+                       ("make_optimizer", "optimizer"), ("make_rollout", "rollout (whole)"),
+                       ("old_logps_and_values", "rollout: old log-probs + values"),
+                       ("reference_logps", "rollout: reference log-probs"), ("ppo_update", "PPO update (whole)"),
+                       ("minibatch_loss", "update: forward + loss"), ("backward", "update: backward")]:
+        phases.wrap(ppo, attr, name)
+    phases.wrap(ppo.Rewards, "score", "rollout: reward model scores")
+    phases.wrap(HFEngine, "generate", "rollout: generation")
+
+
 def child_ours(settings_path: str, result_path: str) -> None:
     """Our PPO stage, called as a Python function, on the bench's folders and settings."""
     import torch
 
-    from align.config import PPOStage
+    s = json.loads(Path(settings_path).read_text())
+    phases = PhaseRSS() if s.get("rss_phases") else None
+    if phases:
+        instrument(phases)
+    from align.config import LoraSettings, PPOStage
     from align.stages.ppo import run
 
-    s = json.loads(Path(settings_path).read_text())
     stage = PPOStage(model=s["model"], data=s["prompts"], rollout_batch_size=s["rollout_batch_size"],
                      batch_size=s["mini_batch_size"], ppo_epochs=s["ppo_epochs"], response_length=s["response_length"],
                      max_steps=s["updates"], eval_fraction=0.0, eval_prompts=0, save_steps=10**9, logging_steps=1,
                      seed=s["seed"], lr=s["lr"], lr_scheduler="constant", temperature=s["temperature"],
                      kl_coef=s["kl_coef"], kl_estimator=s["kl_estimator"], vf_coef=s["vf_coef"],
                      clip_eps=s["clip_eps"], value_clip_eps=s["clip_eps"], missing_eos_penalty=s["missing_eos_penalty"],
-                     max_grad_norm=s["max_grad_norm"], value_model=s["value_model"])
+                     max_grad_norm=s["max_grad_norm"], value_model=s["value_model"],
+                     lora=LoraSettings(r=s["lora_r"], alpha=2 * s["lora_r"], dropout=0.0) if s.get("lora_r") else None)
     stage.type = "ppo"
     out = Path(s["out"])
     metrics = run(stage, "ppo", out, s["model"], s["reward"])
@@ -129,6 +194,9 @@ def child_ours(settings_path: str, result_path: str) -> None:
         "kl": [r.get("kl") for r in rows],
         "torch_threads": torch.get_num_threads(),
     }
+    if phases:  # resetting VmHWM at each boundary resets ru_maxrss too: the whole run's peak is the root phase's
+        result["rss_phases"] = phases.report()
+        result["peak_rss_mb"] = result["rss_phases"]["whole run"][0][0]
     Path(result_path).write_text(json.dumps(result, indent=1))
 
 
@@ -191,6 +259,11 @@ def main() -> None:
     p.add_argument("--ours-value-model", choices=("reward", "shared"), default="reward",
                    help="align's value model: 'reward' (a second model from the reward model, as TRL's; the same "
                         "work) or 'shared' (a head on the policy's trunk: a different method, less work)")
+    p.add_argument("--lora", type=int, default=0, metavar="R",
+                   help="train LoRA adapters of rank R (alpha 2R, no dropout, all linear layers) instead of all weights: "
+                        "align's policy and value model, TRL's policy (TRL 1.12 trains its value model in full)")
+    p.add_argument("--rss-phases", action="store_true",
+                   help="align's side also reports the peak resident memory of each phase (loading, rollout, update)")
     p.add_argument("--work", help="folder for models and outputs (default: a new temp folder)")
     p.add_argument("--child", nargs=2, metavar=("SETTINGS", "RESULT"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -215,7 +288,8 @@ def main() -> None:
                     rollout_batch_size=args.rollout_batch_size, mini_batch_size=args.mini_batch_size,
                     ppo_epochs=args.ppo_epochs, response_length=args.response_length, updates=args.updates,
                     temperature=1.0, kl_coef=0.05, kl_estimator="k1", vf_coef=0.1, clip_eps=0.2,
-                    missing_eos_penalty=1.0, max_grad_norm=1.0, value_model=args.ours_value_model)
+                    missing_eos_penalty=1.0, max_grad_norm=1.0, value_model=args.ours_value_model,
+                    lora_r=args.lora, rss_phases=args.rss_phases)
     print(f"work folder: {work}", file=sys.stderr)
     sides = {"trl 1.12.0": ("trl", [str(VENV_PY), str(REPO / "bench" / "trl112" / "run_ppo.py")]),
              "align": ("ours", [sys.executable, str(Path(__file__).resolve()), "--child"])}
@@ -268,10 +342,36 @@ def main() -> None:
               f"{' '.join(f'{x:.2f}' for x in per_round)} (pooled medians: {t_trl / t_ours:.2f}x)   "
               f"memory (align/trl peak RSS): {mem:.2f}x   "
               f"target >= 1.5x and <= 1.00x: {'met' if speed >= 1.5 and mem <= 1.0 else 'NOT met'}")
+    if args.rss_phases and "align" in runs:
+        print("\n  align, RSS by phase in MB (peak while it ran / resident after it), first call and last call:")
+        for phase, calls in runs["align"][0]["rss_phases"].items():
+            (p0, a0), (p1, a1) = calls[0], calls[-1]
+            print(f"    {phase:48} first {p0:6.0f} / {a0:6.0f}   last {p1:6.0f} / {a1:6.0f}   x{len(calls)}")
     if args.profile:
         for label, rs in runs.items():
             print_profile(label, rs[0]["profile"])
     print(json.dumps({k: {**v, "step_seconds": [r["step_seconds"] for r in runs[k]]} for k, v in table.items()}))
+    print("RESULT " + json.dumps(result_record(args, table)))
+
+
+def result_record(args, table: dict) -> dict:
+    """The bench's last line: the headline numbers and the settings that produced them."""
+    trl, ours = table.get("trl 1.12.0"), table.get("align")
+    per_round = [a / b for a, b in zip(trl["rounds"], ours["rounds"])] if trl and ours else []
+    return {
+        "model": f"{args.layers}x{args.hidden} random" if args.model == "tiny" else args.model,
+        "settings": {"rollout_batch_size": args.rollout_batch_size, "mini_batch_size": args.mini_batch_size,
+                     "ppo_epochs": args.ppo_epochs, "response_length": args.response_length, "updates": args.updates,
+                     "rounds": args.rounds, "threads": args.threads, "lora_r": args.lora,
+                     "align_value_model": args.ours_value_model},
+        "speed_ratio": round(statistics.median(per_round), 3) if per_round else None,  # trl s/update / align s/update
+        "speed_ratio_per_round": [round(x, 3) for x in per_round],
+        "trl_seconds_per_update": round(trl["median"], 3) if trl else None,
+        "align_seconds_per_update": round(ours["median"], 3) if ours else None,
+        "trl_peak_rss_mb": round(trl["peak_rss_mb"], 1) if trl else None,
+        "align_peak_rss_mb": round(ours["peak_rss_mb"], 1) if ours else None,
+        "rss_ratio": round(ours["peak_rss_mb"] / trl["peak_rss_mb"], 3) if trl and ours else None,  # align / trl
+    }
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ function of the step, so a resumed run sees the same batches.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -86,6 +87,7 @@ from align.sequences import (
 )
 from align.stages.online import load_reward_fn, prompt_rows
 from align.training import gathered_state_dict, resume_point, save_model
+from reward.score import SCORER_CONFIG, RewardScorer
 
 log = logging.getLogger("align")
 
@@ -93,12 +95,11 @@ MAX_NAN_STEPS = 10  # consecutive skipped batches before the stage gives up
 
 
 class Rewards:
-    """Scores completion texts: the reward model (re-tokenizing with its own tokenizer) plus `reward_fn`."""
+    """Scores completion texts: the reward model (re-tokenizing with its own tokenizer) plus `reward_fn`.
+    `scorer`: a reward model the stage already holds (`AdapterOffScorer`); else one is loaded."""
 
-    def __init__(self, reward_path: str | None, reward_fn, device: str):
-        from reward.score import RewardScorer
-
-        self.scorer = RewardScorer(reward_path, device=device) if reward_path else None
+    def __init__(self, reward_path: str | None, reward_fn, device: str, scorer=None):
+        self.scorer = scorer or (RewardScorer(reward_path, device=device) if reward_path else None)
         self.fn = reward_fn
 
     def score(self, prompts: list, completions: list[str]) -> torch.Tensor:
@@ -111,6 +112,40 @@ class Rewards:
                 raise AlignError(f"reward_fn returned {len(extra)} values for {len(prompts)} completions")
             total += torch.tensor([math.nan if v is None else float(v) for v in extra], dtype=torch.float32)
         return total
+
+
+class AdapterOffScorer(RewardScorer):
+    """The reward model without a second copy of its weights. Under LoRA with `value_model: reward`, the
+    value model is the reward model (same file, same dtype) plus an adapter and a trained copy of the score
+    head; with the adapter disabled PEFT runs the original weights and head, so this scores exactly what
+    `RewardScorer(reward_path)` scores, and the stage holds one reward-model copy instead of two."""
+
+    def __init__(self, value_model, reward_path: str, device: str):
+        saved = Path(reward_path) / SCORER_CONFIG
+        self.path, self.model, self.device = reward_path, value_model, device
+        self.tokenizer = load_tokenizer(reward_path)
+        self.max_length = json.loads(saved.read_text()).get("max_length") if saved.exists() else None
+
+    def score_ids(self, ids: list[list[int]], batch_size: int = 16) -> list[float]:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self.model.disable_adapter():
+                return super().score_ids(ids, batch_size)
+        finally:
+            self.model.train(was_training)
+
+
+def shared_scorer(stage: PPOStage, value_model, value_source: str, reward_path: str | None, device: str):
+    """An `AdapterOffScorer` over the value model where it is the reward model under an adapter; else None
+    (the reward model is loaded on its own). One process only: under FSDP the value model's weights are
+    sharded, and the scorer runs outside the wrapped module."""
+    if not (reward_path and stage.lora and value_source == "reward" and distributed.world_size() == 1):
+        return None
+    scorer = AdapterOffScorer(value_model, reward_path, device)
+    same = next(value_model.parameters()).dtype == torch.float32 and \
+        value_model.config.pad_token_id == scorer.tokenizer.pad_token_id  # RewardScorer loads fp32, its own pad id
+    return scorer if same else None
 
 
 class SharedValueHead(torch.nn.Module):
@@ -274,8 +309,10 @@ def build_models(stage: PPOStage, name: str, policy, tokenizer, model_path: str,
                              max_model_len=stage.max_length, seed=stage.seed)
     else:
         engine = make_engine("hf", policy, tokenizer, batch_size=max(stage.rollout_batch_size, 1))
-    return Models(policy, ref, value_model, value_source, tokenizer, Rewards(reward_path, reward_fn, device), engine,
-                  device, trainable=PolicyAndValue(policy, value_model))
+    rewards = Rewards(reward_path, reward_fn, device,
+                      scorer=shared_scorer(stage, value_model, value_source, reward_path, device))
+    return Models(policy, ref, value_model, value_source, tokenizer, rewards, engine, device,
+                  trainable=PolicyAndValue(policy, value_model))
 
 
 def make_optimizer(stage: PPOStage, models: Models, total_steps: int):
@@ -389,24 +426,58 @@ def make_rollout(stage: PPOStage, models: Models, prompts: list, step: int, kl_c
                    gen_seconds=gen_seconds)
 
 
-def minibatch_loss(stage: PPOStage, models: Models, mb: dict, old: dict, log_entropy: bool):
-    """PPO loss of one micro-batch (`rows_of`) and its stats as floats."""
+def policy_terms(stage: PPOStage, logits: torch.Tensor, mb: dict, old: dict, log_entropy: bool):
+    """The policy's part of the PPO loss (clipped surrogate - entropy_coef × entropy) and its stats."""
     m = mb["completion_mask"]
-    logits, values = models.trainable(mb, stage.temperature)  # through DDP/FSDP when several processes run
     logps = token_logps(logits, mb["tokens"])
-    pg_loss, pg_stats = ppo_policy_loss(logps, old["old_logps"], old["advantages"], m, stage.clip_eps)
-    vf_loss, vf_stats = ppo_value_loss(values, old["old_values"], old["returns"], m, stage.value_clip_eps)
-    loss = pg_loss + stage.vf_coef * vf_loss
+    loss, pg_stats = ppo_policy_loss(logps, old["old_logps"], old["advantages"], m, stage.clip_eps)
+    stats = {"policy_loss": loss.item(), **{k: v.item() for k, v in pg_stats.items()}}
     entropy = None
     if stage.entropy_coef:
         entropy = masked_mean(entropy_from_logits(logits), m)
         loss = loss - stage.entropy_coef * entropy
-    stats = {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(),
-             **{k: v.item() for k, v in {**pg_stats, **vf_stats}.items()}}
     if log_entropy:
         with torch.no_grad():
             stats["entropy"] = (entropy if entropy is not None else masked_mean(entropy_from_logits(logits), m)).item()
     return loss, stats
+
+
+def value_terms(stage: PPOStage, values: torch.Tensor, mb: dict, old: dict):
+    """The value model's part of the PPO loss (vf_coef × clipped value loss) and its stats."""
+    vf_loss, vf_stats = ppo_value_loss(values, old["old_values"], old["returns"], mb["completion_mask"],
+                                       stage.value_clip_eps)
+    return stage.vf_coef * vf_loss, {"value_loss": vf_loss.item(), **{k: v.item() for k, v in vf_stats.items()}}
+
+
+def minibatch_loss(stage: PPOStage, models: Models, mb: dict, old: dict, log_entropy: bool):
+    """PPO loss of one micro-batch (`rows_of`) and its stats as floats."""
+    logits, values = models.trainable(mb, stage.temperature)  # through DDP/FSDP when several processes run
+    pg_loss, pg_stats = policy_terms(stage, logits, mb, old, log_entropy)
+    vf_loss, vf_stats = value_terms(stage, values, mb, old)
+    return pg_loss + vf_loss, {**pg_stats, **vf_stats}
+
+
+def minibatch_backward(stage: PPOStage, models: Models, mb: dict, old: dict, log_entropy: bool,
+                       weight: torch.Tensor) -> dict:
+    """Forward and backward of `weight` × the PPO loss of one micro-batch; returns its stats.
+
+    The loss is a policy term that only the policy's weights reach plus a value term that only the value
+    model's reach, so in one plain process each model runs its forward and backward in turn: the same
+    gradients, with one model's activations held at a time instead of both (half the activation memory).
+    Under DDP/FSDP (one wrapped module, one backward per forward) and with a shared trunk, one pass."""
+    if models.accelerator is not None or isinstance(models.value_model, SharedValueHead):
+        loss, stats = minibatch_loss(stage, models, mb, old, log_entropy)
+        backward(models, loss * weight)
+        return stats
+    args = {k: mb[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    logits = completion_logits(models.policy, **args, T=mb["T"], temperature=stage.temperature)
+    pg_loss, pg_stats = policy_terms(stage, logits, mb, old, log_entropy)
+    backward(models, pg_loss * weight)
+    del logits, pg_loss
+    values = per_token_values(models.value_model, **args, keep=mb["T"] + 1)[:, :-1]
+    vf_loss, vf_stats = value_terms(stage, values, mb, old)
+    backward(models, vf_loss * weight)
+    return {**pg_stats, **vf_stats}
 
 
 def ppo_update(stage: PPOStage, models: Models, rollout: Rollout, optimizer, scheduler, step: int) -> dict:
@@ -429,9 +500,9 @@ def ppo_update(stage: PPOStage, models: Models, rollout: Rollout, optimizer, sch
             tokens_in_mb = mask[mb_idx.to(mask.device)].sum().clamp(min=1)
             for u0 in range(0, len(mb_idx), stage.batch_size):
                 mb, old = rows_of(rollout.batch, mb_idx[u0:u0 + stage.batch_size].to(mask.device), per_token)
-                loss, mb_stats = minibatch_loss(stage, models, mb, old, log_entropy=ppo_epoch == 0)
                 # Micro-batches weigh by their share of the mini-batch's tokens.
-                backward(models, loss * mb["completion_mask"].sum() / tokens_in_mb)
+                mb_stats = minibatch_backward(stage, models, mb, old, ppo_epoch == 0,
+                                              mb["completion_mask"].sum() / tokens_in_mb)
                 for k, v in mb_stats.items():
                     stats[k].append(v)
             if models.accelerator is not None:

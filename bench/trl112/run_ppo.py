@@ -37,7 +37,13 @@ def main(settings_path: str, result_path: str) -> None:
     train = Dataset.from_dict({"input_ids": ids})
 
     policy = AutoModelForCausalLM.from_pretrained(s["model"], dtype=torch.float32)
-    ref_policy = AutoModelForCausalLM.from_pretrained(s["model"], dtype=torch.float32)
+    peft_config = None
+    if s.get("lora_r"):  # TRL's LoRA: the policy's adapter, reference = adapter disabled; the value model trains in full
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=s["lora_r"], lora_alpha=2 * s["lora_r"], lora_dropout=0.0,
+                                 target_modules="all-linear", task_type="CAUSAL_LM")
+    ref_policy = None if peft_config else AutoModelForCausalLM.from_pretrained(s["model"], dtype=torch.float32)
     value_model = AutoModelForSequenceClassification.from_pretrained(s["reward"], num_labels=1, dtype=torch.float32)
     reward_model = AutoModelForSequenceClassification.from_pretrained(s["reward"], num_labels=1, dtype=torch.float32)
     for m in (value_model, reward_model):
@@ -57,7 +63,8 @@ def main(settings_path: str, result_path: str) -> None:
         num_sample_generations=0, max_grad_norm=s["max_grad_norm"],
     )
     trainer = PPOTrainer(args=config, processing_class=tok, model=policy, ref_model=ref_policy,
-                         reward_model=reward_model, value_model=value_model, train_dataset=train)
+                         reward_model=reward_model, value_model=value_model, train_dataset=train,
+                         peft_config=peft_config)
 
     class UpdateClock(TrainerCallback):
         def __init__(self):
