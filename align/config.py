@@ -430,6 +430,12 @@ def _coerce(value: Any, hint: Any, key: str, ctx: _Context) -> Any:
                 return _coerce(value, option, key, ctx)
             except AlignError as e:
                 errors.append(e)
+        choices = [c for o in options if o is not type(None)
+                   for c in (typing.get_args(o) if typing.get_origin(o) is Literal else
+                             ("true", "false") if o is bool else (None,))]
+        if None not in choices:  # only named values (e.g. auto | true | false): list them all
+            raise AlignError(f"{ctx.origin(key)}: '{key}' must be one of {', '.join(map(str, choices))}; "
+                             f"got {value!r}")
         raise errors[-1]
     if origin is Literal:
         allowed = typing.get_args(hint)

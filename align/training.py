@@ -89,6 +89,10 @@ class AlignCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.bar is not None:
             self.bar.update(state.global_step - self.bar.n)
+        # transformers checkpoints the last step whatever save_steps says; the stage saves its model right
+        # after training, so that checkpoint would only write the optimizer state (twice the weights) again.
+        if state.global_step >= state.max_steps and state.save_steps and state.global_step % state.save_steps:
+            control.should_save = False
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.bar is not None:

@@ -161,6 +161,16 @@ def test_recipe_from_dict_directly():
     assert "lrr" in msg and "did you mean 'lr'" in msg
 
 
+def test_named_choices_or_a_bool_take_each_and_list_them_all_when_wrong():
+    def dpo(value):
+        return {"stages": {"dpo": {"model": "m", "data": "d", "prefix_sharing": value}}}
+
+    assert [recipe_from_dict(dpo(v)).stages["dpo"].prefix_sharing for v in ("auto", True, False)] == ["auto", True,
+                                                                                                     False]
+    msg = error_of(recipe_from_dict, dpo("maybe"), source="r.yaml")
+    assert msg == "r.yaml: 'stages.dpo.prefix_sharing' must be one of auto, true, false; got 'maybe'"
+
+
 def test_shipped_recipe_loads():
     repo = Path(__file__).resolve().parents[1]
     recipe = load_recipe(repo / "recipes" / "tiny-sft.yaml")

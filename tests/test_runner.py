@@ -133,3 +133,13 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tiny_model, tmp_path, p
     steps = [json.loads(line)["step"] for line in (out / "sft" / "log.jsonl").read_text().splitlines()
              if "loss" in json.loads(line)]
     assert steps == sorted(set(steps)), "the per-step log repeats steps after resume"
+
+
+def test_checkpoints_only_at_save_steps_not_again_at_the_end(tiny_model, tmp_path):
+    """The last step is not checkpointed unless save_steps says so: the stage saves its model right after,
+    and a checkpoint would write the optimizer state again for nothing."""
+    stage = tiny_sft_stage(tiny_model, max_steps=5, save_steps=2, eval_steps=0)
+    run_recipe(load_recipe(write_recipe(tmp_path / "r.yaml", tmp_path / "out", {"sft": stage})))
+    ckpts = sorted(p.name for p in (tmp_path / "out" / "sft" / "checkpoints").glob("checkpoint-*"))
+    assert ckpts == ["checkpoint-2", "checkpoint-4"]
+    assert (tmp_path / "out" / "sft" / "model" / "config.json").exists()
