@@ -383,6 +383,7 @@ def stage_stats(stage_dir: Path) -> dict:
         "launcher": manifest.get("launcher"),
         "model_saved": (model / "config.json").is_file() or (model / "adapter_config.json").is_file(),
         "error": manifest.get("error"),
+        **({"prefix_sharing": metrics["prefix_sharing"]} if "prefix_sharing" in metrics else {}),  # DPO stages
     }
 
 
