@@ -114,8 +114,9 @@ def attention_mask(shared: dict, attn_implementation: str, dtype: torch.dtype):
     return mask.masked_fill_(~allowed(segment, kind)[:, None], torch.finfo(dtype).min)
 
 
-def supports(model) -> str | None:
-    """None if the model can take a shared layout, else why not (one phrase)."""
+def supports(model, max_length: int | None = None) -> str | None:
+    """None if the model can take a shared layout for sequences of up to `max_length` tokens, else why not
+    (one phrase)."""
     config = model.config.get_text_config()
     impl = getattr(model.config, "_attn_implementation", None)
     if impl not in DENSE_MASK_ATTENTION + ("flex_attention",):
@@ -127,8 +128,9 @@ def supports(model) -> str | None:
             return f"the model scales its logits ({attr})"
     if getattr(config, "output_router_logits", False):
         return "mixture-of-experts router losses are not gathered in the shared layout"
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-        return "sliding-window attention builds its own mask"
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    if window and (max_length is None or max_length > window):  # a custom mask would lift the window
+        return f"sliding-window attention ({window} tokens) builds its own mask for sequences this long"
     return None
 
 

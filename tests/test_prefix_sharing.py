@@ -239,3 +239,16 @@ def test_flex_backward_matches_the_dense_mask_on_gpu(tiny_model):
     dense, dense_grad = shared_hidden(tiny_model, "sdpa", PACKED, grad=True)
     flex, flex_grad = shared_hidden(tiny_model, "flex_attention", PACKED, grad=True)
     assert torch.allclose(dense, flex, atol=1e-4) and torch.allclose(dense_grad, flex_grad, atol=1e-4)
+
+
+def test_what_cannot_take_the_layout_is_named(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert prefix_sharing.supports(model, 128) is None
+    model.config.sliding_window = 64  # a window shorter than the sequences: the custom mask would lift it
+    assert "sliding-window" in prefix_sharing.supports(model, 128)
+    assert prefix_sharing.supports(model, 64) is None
+    model.config.sliding_window = None
+    model.config.final_logit_softcapping = 30.0
+    assert "scales its logits" in prefix_sharing.supports(model, 128)

@@ -103,7 +103,7 @@ class SharedPrefixMixin:
         if self.prefix_mode is False:
             self.prefix_note = "off (prefix_sharing: false)"
             return
-        why = prefix_sharing.supports(self.model)
+        why = prefix_sharing.supports(self.model, self.args.max_length)
         if why is None and self.args.truncation_mode != "keep_start":
             why = "truncation_mode keep_end cuts the prompt differently for chosen and rejected"
         if why is not None:
