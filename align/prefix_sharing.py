@@ -87,15 +87,19 @@ def layout(prompts: list[list[int]], chosen: list[list[int]], rejected: list[lis
     return {"input_ids": ids, "position_ids": pos, "segment": segment, "kind": kind, "index": index}
 
 
+def visible(segment_q, segment_k, kind_q, kind_k, q, k):
+    """The one attention rule, over broadcastable tensors: query q may attend key k when both are in the same
+    segment, k <= q, and never a rejected query on a chosen key; every position sees itself (padding too, so
+    no softmax row is empty). The dense mask and FlexAttention's `mask_mod` both call it."""
+    same = (segment_q == segment_k) & (segment_q > 0)
+    return (same & (k <= q) & ~((kind_q == REJECTED) & (kind_k == CHOSEN))) | (q == k)
+
+
 def allowed(segment: torch.Tensor, kind: torch.Tensor) -> torch.Tensor:
-    """`[rows, L, L]` bool: query i may attend key j. Same segment, j <= i, and never a rejected query on a
-    chosen key; every position sees itself (padding too, so no softmax row is empty)."""
-    width = segment.size(1)
-    causal = torch.ones(width, width, dtype=torch.bool, device=segment.device).tril()
-    same = (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] > 0)
-    crossing = (kind[:, :, None] == REJECTED) & (kind[:, None, :] == CHOSEN)
-    eye = torch.eye(width, dtype=torch.bool, device=segment.device)
-    return (same & causal & ~crossing) | eye
+    """`[rows, L, L]` bool: query i may attend key j (`visible`)."""
+    pos = torch.arange(segment.size(1), device=segment.device)
+    return visible(segment[:, :, None], segment[:, None, :], kind[:, :, None], kind[:, None, :], pos[:, None],
+                   pos[None, :])
 
 
 def attention_mask(shared: dict, attn_implementation: str, dtype: torch.dtype):
@@ -105,8 +109,7 @@ def attention_mask(shared: dict, attn_implementation: str, dtype: torch.dtype):
         from torch.nn.attention.flex_attention import create_block_mask
 
         def mask_mod(b, h, q, k):
-            same = (segment[b, q] == segment[b, k]) & (segment[b, q] > 0)
-            return (same & (k <= q) & ~((kind[b, q] == REJECTED) & (kind[b, k] == CHOSEN))) | (q == k)
+            return visible(segment[b, q], segment[b, k], kind[b, q], kind[b, k], q, k)
 
         rows, width = segment.shape
         return create_block_mask(mask_mod, rows, None, width, width, device=segment.device)

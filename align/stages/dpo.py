@@ -27,8 +27,8 @@ import torch
 from align import distributed, prefix_sharing
 from align.artifacts import StepLog, Timer, hash_json
 from align.config import DPOStage
-from align.errors import AlignError
 from align.data import apply_too_long, as_preference, load_split, trainer_dataset
+from align.errors import AlignError
 from align.models import apply_lora, cache_dir, drop_ref_adapter, load_model, load_tokenizer, reference_model
 from align.policy_eval import BeforeAfter
 from align.training import AlignCallback, finite, save_model, train_with_eval, trainer_args
@@ -151,6 +151,7 @@ class SharedPrefixMixin:
             self.model.train(training)
         tokens = (labels[:, 1:] != -100).sum().clamp(min=1)
         return float((plain - shared).abs().sum() / tokens), ""
+
 
 def make_trainer_class():
     from trl import DPOTrainer

@@ -213,15 +213,28 @@ def logits_and_values(policy, value_model, batch: dict, temperature: float) -> t
 
     With a shared head, one pass of the policy's trunk gives both; otherwise the value model runs its own."""
     T = batch["T"]
-    args = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
     if isinstance(value_model, SharedValueHead):
         inner = _unwrapped(policy)
-        hidden = getattr(inner, inner.base_model_prefix)(**args, use_cache=False).last_hidden_state[:, -(T + 1):]
+        hidden = getattr(inner, inner.base_model_prefix)(**model_args(batch),
+                                                         use_cache=False).last_hidden_state[:, -(T + 1):]
         logits = inner.get_output_embeddings()(hidden)[:, :-1].float()
         return tempered(logits, temperature), value_model.head(hidden).squeeze(-1).float()[:, :-1]
-    logits = completion_logits(policy, **args, T=T, temperature=temperature)
-    # V(s_t): the state before token t is position P-1+t, the T positions ending one before the last.
-    return logits, per_token_values(value_model, **args, keep=T + 1)[:, :-1]
+    return policy_logits(policy, batch, temperature), values_before_tokens(value_model, batch)
+
+
+def model_args(batch: dict) -> dict:
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+
+
+def policy_logits(policy, batch: dict, temperature: float) -> torch.Tensor:
+    """The policy's logits predicting the T completion tokens of a packed batch (B, T, V)."""
+    return completion_logits(policy, **model_args(batch), T=batch["T"], temperature=temperature)
+
+
+def values_before_tokens(value_model, batch: dict) -> torch.Tensor:
+    """V(s_t) of a separate value model (B, T): the state before token t is position P-1+t, the T positions
+    ending one before the last."""
+    return per_token_values(value_model, **model_args(batch), keep=batch["T"] + 1)[:, :-1]
 
 
 class PolicyAndValue(torch.nn.Module):
@@ -371,9 +384,7 @@ def old_logps_and_values(stage: PPOStage, models: Models, batch: dict, completio
     """log π_old of the sampled tokens and V(s_t), both (B, T), from the models as they sampled."""
     if reuses_engine_logps(stage) and models.value_source != "shared":
         old_logps = right_pad([c.logps for c in completions], 0.0, batch["T"], dtype=torch.float32)[0]
-        old_values = per_token_values(models.value_model, batch["input_ids"], batch["attention_mask"],
-                                      batch["position_ids"], batch["T"] + 1)[:, :-1]
-        return old_logps.to(models.device), old_values
+        return old_logps.to(models.device), values_before_tokens(models.value_model, batch)
     # the policy's pass is needed anyway (shared values, vLLM kernels or a temperature)
     logits, old_values = logits_and_values(models.policy, models.value_model, batch, stage.temperature)
     return token_logps(logits, batch["tokens"]), old_values
@@ -381,11 +392,10 @@ def old_logps_and_values(stage: PPOStage, models: Models, batch: dict, completio
 
 def reference_logps(models: Models, batch: dict, temperature: float) -> torch.Tensor:
     """log π_ref of the sampled tokens: (B, T)."""
-    args = (batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["T"], temperature)
     if models.ref is None:
         with models.policy.disable_adapter():
-            return token_logps(completion_logits(models.policy, *args), batch["tokens"])
-    return token_logps(completion_logits(models.ref, *args), batch["tokens"])
+            return token_logps(policy_logits(models.policy, batch, temperature), batch["tokens"])
+    return token_logps(policy_logits(models.ref, batch, temperature), batch["tokens"])
 
 
 def make_rollout(stage: PPOStage, models: Models, prompts: list, step: int, kl_coef: float,
@@ -469,13 +479,11 @@ def minibatch_backward(stage: PPOStage, models: Models, mb: dict, old: dict, log
         loss, stats = minibatch_loss(stage, models, mb, old, log_entropy)
         backward(models, loss * weight)
         return stats
-    args = {k: mb[k] for k in ("input_ids", "attention_mask", "position_ids")}
-    logits = completion_logits(models.policy, **args, T=mb["T"], temperature=stage.temperature)
-    pg_loss, pg_stats = policy_terms(stage, logits, mb, old, log_entropy)
+    pg_loss, pg_stats = policy_terms(stage, policy_logits(models.policy, mb, stage.temperature), mb, old,
+                                     log_entropy)
     backward(models, pg_loss * weight)
-    del logits, pg_loss
-    values = per_token_values(models.value_model, **args, keep=mb["T"] + 1)[:, :-1]
-    vf_loss, vf_stats = value_terms(stage, values, mb, old)
+    del pg_loss
+    vf_loss, vf_stats = value_terms(stage, values_before_tokens(models.value_model, mb), mb, old)
     backward(models, vf_loss * weight)
     return {**pg_stats, **vf_stats}
 
