@@ -123,7 +123,7 @@ def add_eval_parser(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(parser, sys.argv[1:] if argv is None else argv)
     if not args.command:
         parser.print_help()
         return 2
@@ -169,6 +169,19 @@ def main(argv: list[str] | None = None) -> int:
         print("align: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     return 0
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """argparse, with KEY=VALUE overrides taken wherever they stand: argparse hands its `nargs="*"` positional
+    the words right after RECIPE only, so `align run RECIPE --dry-run k=v` would refuse `k=v`. Every other word
+    it does not know is still refused, as `parse_args` would."""
+    args, extra = parser.parse_known_args(argv)
+    if hasattr(args, "overrides"):
+        args.overrides += [a for a in extra if "=" in a and not a.startswith("-")]
+        extra = [a for a in extra if not ("=" in a and not a.startswith("-"))]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def setup_logging(quiet: bool, verbose: bool = False) -> None:

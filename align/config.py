@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -33,12 +34,52 @@ from align.errors import AlignError
 
 STAGE_REF = re.compile(r"^\$\{([A-Za-z0-9_.-]+)\}$")
 
+SEED_MAX = 2**32 - 1  # numpy's seeds, which transformers' set_seed draws, stop here
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric knob accepts: closed (`ge`, `le`) or open (`gt`, `lt`) bounds."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def __contains__(self, x: float) -> bool:
+        return ((self.ge is None or x >= self.ge) and (self.gt is None or x > self.gt)
+                and (self.le is None or x <= self.le) and (self.lt is None or x < self.lt))
+
+    def __str__(self) -> str:
+        def n(x: float) -> str:
+            return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+        lo = f"[{n(self.ge)}" if self.ge is not None else f"({n(self.gt)}" if self.gt is not None else None
+        hi = f"{n(self.le)}]" if self.le is not None else f"{n(self.lt)})" if self.lt is not None else None
+        if lo and hi:
+            return f"in {lo}, {hi}"
+        if lo:
+            return f">= {n(self.ge)}" if self.ge is not None else f"> {n(self.gt)}"
+        return f"<= {n(self.le)}" if self.le is not None else f"< {n(self.lt)}"
+
+
+def knob(default: Any, help: str = "", *, ge: float | None = None, gt: float | None = None,
+         le: float | None = None, lt: float | None = None):
+    """A numeric recipe field with its help text and its valid range, checked when the recipe loads (so
+    `--dry-run` and the start of `align run` refuse `beta: -1` before anything is written or loaded)."""
+    return field(default=default, metadata={"help": help, "range": Range(ge=ge, gt=gt, le=le, lt=lt)})
+
+
+def valid_range(f: dataclasses.Field) -> Range | None:
+    return f.metadata.get("range")
+
+
 
 @dataclass
 class LoraSettings:
-    r: int = 16  # adapter rank; 8-64 is typical, higher trains more parameters
-    alpha: int = 32  # scaling is alpha / r
-    dropout: float = 0.05
+    r: int = knob(16, "adapter rank; 8-64 is typical, higher trains more parameters", ge=1)
+    alpha: int = knob(32, "scaling is alpha / r", ge=1)
+    dropout: float = knob(0.05, ge=0, lt=1)
     target_modules: str | list[str] = "all-linear"  # or a list such as [q_proj, v_proj]
 
 
@@ -50,29 +91,31 @@ class TrainStage:
     data: str = ""  # JSONL/JSON/Parquet/CSV file, a save_to_disk folder, or a hub name
     type: str = ""  # defaults to the stage's name
     eval_data: str | None = None  # held-out set; when absent, eval_fraction of data is held out
-    eval_fraction: float = 0.1  # drawn by prompt: rows sharing a prompt are all trained on or all held out
+    eval_fraction: float = knob(
+        0.1, ge=0, lt=1,
+        help="drawn by prompt: rows sharing a prompt are all trained on or all held out")
     strict_eval: bool = False  # refuse eval_data that shares prompts or rows with data (before anything trains)
-    max_length: int = 1024  # tokens per example, after the chat template
+    max_length: int = knob(1024, "tokens per example, after the chat template", ge=1)
     too_long: Literal["truncate", "drop"] = "truncate"  # what to do with longer examples
-    lr: float = 2e-5
-    epochs: float = 1.0
-    max_steps: int = -1  # overrides epochs when > 0
-    batch_size: int = 8  # per device
-    grad_accum: int = 1
-    warmup_ratio: float = 0.0
+    lr: float = knob(2e-5, gt=0)
+    epochs: float = knob(1.0, ge=0)
+    max_steps: int = knob(-1, "overrides epochs when > 0", ge=-1)
+    batch_size: int = knob(8, "per device", ge=1)
+    grad_accum: int = knob(1, ge=1)
+    warmup_ratio: float = knob(0.0, ge=0, le=1)
     lr_scheduler: str = "linear"  # any transformers scheduler name: linear, cosine, constant, ...
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    weight_decay: float = knob(0.0, ge=0)
+    max_grad_norm: float = knob(1.0, ge=0)
     lora: LoraSettings | None = None  # null trains all weights
     # QLoRA: the frozen base loaded 4-bit (nf4) or 8-bit through bitsandbytes, `lora:` trained on it; CUDA GPU only
     quantization: Literal["nf4", "int8"] | None = None
     gradient_checkpointing: bool = False  # True trades compute for activation memory
-    logging_steps: int = 10
-    eval_steps: int = 50  # 0 evaluates only at the end
-    save_steps: int = 50  # checkpoint every N optimizer steps; a killed run resumes from the last
-    save_total_limit: int = 2
+    logging_steps: int = knob(10, ge=1)
+    eval_steps: int = knob(50, "0 evaluates only at the end", ge=0)
+    save_steps: int = knob(50, "checkpoint every N optimizer steps; a killed run resumes from the last", ge=1)
+    save_total_limit: int = knob(2, ge=1)
     report_to: Literal["none", "tensorboard"] = "none"
-    seed: int | None = None  # defaults to the recipe's seed
+    seed: int | None = knob(None, "defaults to the recipe's seed", ge=0, le=SEED_MAX)
 
 
 @dataclass
@@ -97,8 +140,10 @@ class RewardStage(TrainStage):
     Its model is always saved with any LoRA merged: the scorer, PPO's value model and `align rollouts` load one
     plain folder."""
 
-    lr: float = 1e-4
-    center_rewards: float | None = None  # e.g. 0.01 pushes mean reward towards 0 (TRL center_rewards_coefficient)
+    lr: float = knob(1e-4, gt=0)
+    center_rewards: float | None = knob(
+        None, ge=0,
+        help="e.g. 0.01 pushes mean reward towards 0 (TRL center_rewards_coefficient)")
 
 
 # Every loss TRL 1.16's DPOTrainer implements (tests check this list against TRL's).
@@ -112,8 +157,8 @@ class PolicyEval:
     """Knobs for scoring the policy with the recipe's reward model before and after a stage."""
 
     reward_model: str | None = None  # ${stage}; default: the latest earlier reward stage, if any
-    eval_prompts: int = 32  # held-out prompts whose greedy completions are scored
-    max_new_tokens: int = 64
+    eval_prompts: int = knob(32, "held-out prompts whose greedy completions are scored", ge=0)
+    max_new_tokens: int = knob(64, ge=1)
     # An independent judge of the same answers (not optimised against): a second reward model's folder, and/or
     # a Python function `module:function(prompts, completions) -> list[float]` such as align.judges:sentiment
     judge: str | None = None
@@ -122,11 +167,11 @@ class PolicyEval:
 
 @dataclass
 class DPOStage(PolicyStage, PolicyEval):
-    lr: float = 5e-6
-    beta: float = 0.1  # higher keeps the policy closer to the reference
+    lr: float = knob(5e-6, gt=0)
+    beta: float = knob(0.1, "higher keeps the policy closer to the reference", gt=0)
     loss_type: DPOLoss = "sigmoid"
-    nll_weight: float = 0.0  # > 0 adds an NLL term on chosen (RPO), against falling chosen log-probs
-    label_smoothing: float = 0.0  # robust / exo_pair only
+    nll_weight: float = knob(0.0, "> 0 adds an NLL term on chosen (RPO), against falling chosen log-probs", ge=0)
+    label_smoothing: float = knob(0.0, "robust / exo_pair only", ge=0, lt=0.5)
     ref_cache: bool = True  # reference log-probs computed once and kept on disk (ALIGN_CACHE/ref_logps)
     # One `prompt + chosen + rejected` sequence per pair, the prompt computed once (sdpa/eager/flex attention).
     # auto: on where a probe pair matches the two-sequence log-probs, else off with one log line; true: on or exit 2.
@@ -136,10 +181,10 @@ class DPOStage(PolicyStage, PolicyEval):
 
 @dataclass
 class KTOStage(PolicyStage, PolicyEval):
-    lr: float = 5e-6
-    beta: float = 0.1
-    desirable_weight: float = 1.0  # raise when thumbs-up rows are rarer than thumbs-down
-    undesirable_weight: float = 1.0
+    lr: float = knob(5e-6, gt=0)
+    beta: float = knob(0.1, gt=0)
+    desirable_weight: float = knob(1.0, "raise when thumbs-up rows are rarer than thumbs-down", gt=0)
+    undesirable_weight: float = knob(1.0, gt=0)
 
 
 @dataclass
@@ -147,16 +192,16 @@ class OnlineStage(PolicyStage, PolicyEval):
     """Knobs of the online stages (PPO, GRPO, RLOO): prompts in, sampled completions scored by the
     recipe's reward model (and, optionally, a Python function), the policy updated on them."""
 
-    lr: float = 1e-5
-    max_length: int = 256  # prompt tokens + response_length; longer prompts follow `too_long`
-    response_length: int = 32  # most new tokens per sampled completion
-    temperature: float = 1.0  # sampling temperature of the rollouts
-    top_p: float = 1.0
-    top_k: int = 0  # 0 turns top-k off
+    lr: float = knob(1e-5, gt=0)
+    max_length: int = knob(256, "prompt tokens + response_length; longer prompts follow `too_long`", ge=2)
+    response_length: int = knob(32, "most new tokens per sampled completion", ge=1)
+    temperature: float = knob(1.0, "sampling temperature of the rollouts", ge=0)
+    top_p: float = knob(1.0, gt=0, le=1)
+    top_k: int = knob(0, "0 turns top-k off", ge=0)
     reward_fn: str | None = None  # `module:function(prompts, completions) -> list[float]`, added to the reward model's
     engine: Literal["hf", "vllm"] = "hf"  # vllm needs a CUDA GPU and `pip install align[vllm]`
-    gpu_memory_utilization: float = 0.3  # vLLM's share of GPU memory; the trainer needs the rest
-    tensor_parallel_size: int = 1  # vLLM GPUs per engine
+    gpu_memory_utilization: float = knob(0.3, "vLLM's share of GPU memory; the trainer needs the rest", gt=0, le=1)
+    tensor_parallel_size: int = knob(1, "vLLM GPUs per engine", ge=1)
     # engine: vllm: `colocate` runs vLLM in the training process; `server` (GRPO/RLOO) samples from a running
     # `trl vllm-serve`, found through the vllm_server_* keys
     vllm_mode: Literal["colocate", "server"] = "colocate"
@@ -169,24 +214,26 @@ class PPOStage(OnlineStage):
     One step: `rollout_batch_size` prompts -> completions -> rewards -> GAE -> `ppo_epochs` passes over
     mini-batches of `batch_size`. `max_steps` counts these steps; `epochs` counts passes over the prompts."""
 
-    rollout_batch_size: int = 16  # prompts sampled per PPO step
-    ppo_epochs: int = 4  # optimisation passes over each batch of rollouts
-    kl_coef: float = 0.05  # per-token KL penalty on the reward; the starting value when kl_target is set
+    rollout_batch_size: int = knob(16, "prompts sampled per PPO step", ge=1)
+    ppo_epochs: int = knob(4, "optimisation passes over each batch of rollouts", ge=1)
+    kl_coef: float = knob(0.05, "per-token KL penalty on the reward; the starting value when kl_target is set", ge=0)
     kl_estimator: Literal["k1", "k3"] = "k1"  # k3 is never negative, k1 is the classic choice
-    kl_target: float | None = None  # set (e.g. 6.0) for the adaptive KL controller of Ziegler et al. 2019
-    kl_horizon: int = 10000  # adaptive controller's horizon, in samples
-    gamma: float = 1.0
-    lam: float = 0.95  # GAE lambda
-    clip_eps: float = 0.2  # policy ratio clip
-    value_clip_eps: float = 0.2  # value clip around the rollout-time values
-    vf_coef: float = 0.1  # value loss weight
-    entropy_coef: float = 0.0  # > 0 rewards entropy
+    kl_target: float | None = knob(None, "set (e.g. 6.0) for the adaptive KL controller of Ziegler et al. 2019", gt=0)
+    kl_horizon: int = knob(10000, "adaptive controller's horizon, in samples", ge=1)
+    gamma: float = knob(1.0, ge=0, le=1)
+    lam: float = knob(0.95, "GAE lambda", ge=0, le=1)
+    clip_eps: float = knob(0.2, "policy ratio clip", gt=0)
+    value_clip_eps: float = knob(0.2, "value clip around the rollout-time values", gt=0)
+    vf_coef: float = knob(0.1, "value loss weight", ge=0)
+    entropy_coef: float = knob(0.0, "> 0 rewards entropy", ge=0)
     whiten_advantages: bool = True
-    missing_eos_penalty: float = 1.0  # subtracted from the reward of completions that never reach EOS
+    missing_eos_penalty: float = knob(1.0, "subtracted from the reward of completions that never reach EOS", ge=0)
     # What the value model's weights start from. `shared`: no second model, a value head on the policy's own
     # last hidden state (one forward and backward per mini-batch instead of two: ~2x faster PPO epochs).
     value_model: Literal["reward", "policy", "shared"] = "reward"
-    sync_timeout: float = 120.0  # engine: vllm: seconds a policy-weight sync may take before the stage fails
+    sync_timeout: float = knob(
+        120.0, gt=0,
+        help="engine: vllm: seconds a policy-weight sync may take before the stage fails")
 
 
 @dataclass
@@ -196,17 +243,17 @@ class VLLMServer:
 
     vllm_server_base_url: str | None = None  # e.g. http://10.0.0.2:8000; when set, host and port are not used
     vllm_server_host: str = "0.0.0.0"
-    vllm_server_port: int = 8000
-    vllm_server_timeout: float = 240.0  # seconds to wait for the server to come up before the stage fails
+    vllm_server_port: int = knob(8000, ge=1, le=65535)
+    vllm_server_timeout: float = knob(240.0, "seconds to wait for the server to come up before the stage fails", gt=0)
 
 
 @dataclass
 class GRPOStage(OnlineStage, VLLMServer):
     """GRPO over TRL's GRPOTrainer: group-normalised rewards over `num_generations` samples per prompt."""
 
-    num_generations: int = 4  # completions per prompt; batch_size must be a multiple of it
-    beta: float = 0.0  # KL coefficient to the reference; TRL's default 0 keeps no reference model
-    epsilon: float = 0.2  # ratio clip
+    num_generations: int = knob(4, "completions per prompt; batch_size must be a multiple of it", ge=2)
+    beta: float = knob(0.0, "KL coefficient to the reference; TRL's default 0 keeps no reference model", ge=0)
+    epsilon: float = knob(0.2, "ratio clip", gt=0)
     loss_type: str = "dapo"  # TRL's GRPO loss: grpo, dr_grpo, dapo, bnpo, ...
     scale_rewards: Literal["group", "batch", "none"] = "group"
 
@@ -215,15 +262,15 @@ class GRPOStage(OnlineStage, VLLMServer):
 class RLOOStage(OnlineStage, VLLMServer):
     """RLOO over TRL's RLOOTrainer: each sample's baseline is the mean reward of the other samples."""
 
-    num_generations: int = 4  # completions per prompt; batch_size must be a multiple of it
-    beta: float = 0.05  # KL coefficient to the reference
-    epsilon: float = 0.2
+    num_generations: int = knob(4, "completions per prompt; batch_size must be a multiple of it", ge=2)
+    beta: float = knob(0.05, "KL coefficient to the reference", ge=0)
+    epsilon: float = knob(0.2, gt=0)
 
 
 @dataclass
 class Recipe:
     output_dir: str = ""  # defaults to runs/<recipe file name>
-    seed: int = 42
+    seed: int = knob(42, ge=0, le=SEED_MAX)
     name: str = ""  # defaults to the recipe file name
     description: str = ""
     stages: dict[str, TrainStage] = field(default_factory=dict)
@@ -342,9 +389,6 @@ def recipe_from_dict(raw: dict, *, stage_types: dict[str, type[TrainStage]], sou
             raise AlignError(f"{ctx.origin(key + '.quantization')}: '{key}.quantization: {stage.quantization}' needs "
                              f"'{key}.lora' (QLoRA trains an adapter on the frozen quantized base); add a lora section "
                              "or remove quantization")
-        if not 0.0 <= stage.eval_fraction < 1.0:
-            raise AlignError(f"{ctx.origin(key + '.eval_fraction')}: '{key}.eval_fraction' must be in [0, 1), "
-                             f"got {stage.eval_fraction}")
         recipe.stages[name] = stage
         seen.append(name)
     return recipe
@@ -404,7 +448,8 @@ def _suggest(name: str, valid) -> str:
 
 def _build(cls, data: dict, prefix: str, ctx: _Context):
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = list(fields)
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
@@ -413,6 +458,9 @@ def _build(cls, data: dict, prefix: str, ctx: _Context):
             raise AlignError(f"{ctx.origin(full)}: unknown key '{full}'{_suggest(str(key), names)}; "
                              f"valid keys here: {valid}")
         kwargs[key] = _coerce(value, hints[key], full, ctx)
+        allowed = valid_range(fields[key])
+        if allowed is not None and kwargs[key] is not None and kwargs[key] not in allowed:
+            raise AlignError(f"{ctx.origin(full)}: '{full}' must be {allowed}; got {value!r}")
     return cls(**kwargs)
 
 
@@ -466,14 +514,20 @@ def _coerce(value: Any, hint: Any, key: str, ctx: _Context) -> Any:
             return int(value)
         raise AlignError(f"{ctx.origin(key)}: '{key}' must be a whole number; got {value!r}")
     if hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
+            except OverflowError:  # an int beyond any float
+                number = math.inf
+        elif isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                number = float(value)
             except ValueError:
                 pass
-        raise AlignError(f"{ctx.origin(key)}: '{key}' must be a number; got {value!r}")
+        if number is not None and math.isfinite(number):
+            return number
+        raise AlignError(f"{ctx.origin(key)}: '{key}' must be a finite number; got {value!r}")
     if hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

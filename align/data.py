@@ -85,10 +85,15 @@ def _looks_like_path(source: str) -> bool:
 def _read_jsonl(path: Path) -> Rows:
     rows, numbers = [], []
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
+        raw = path.read_bytes()
+    except OSError as e:
         raise AlignError(f"{path}: cannot read file ({e.__class__.__name__}: {e})") from None
-    for n, line in enumerate(text.split("\n"), start=1):  # not splitlines(): JSON strings may hold U+2028
+    for n, chunk in enumerate(raw.split(b"\n"), start=1):  # not splitlines(): JSON strings may hold U+2028
+        try:
+            line = chunk.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise AlignError(f"{where(path, n, line=True)}: not UTF-8 text (byte {chunk[e.start]:#04x} at column "
+                             f"{e.start + 1})") from None
         if not line.strip():
             continue
         try:
@@ -225,6 +230,8 @@ def _check_row(row: dict, kind: str, at: str) -> None:
         margin = row.get("margin")
         if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
             raise AlignError(f"{at}: field 'margin': expected a number, got {_kind(margin)}")
+        if margin is not None and not math.isfinite(margin):
+            raise AlignError(f"{at}: field 'margin': expected a finite number, got {margin}")
     elif kind == "kto":
         _check_row(row, "preference" if ("chosen" in row or "rejected" in row) else "unpaired", at)
     elif kind == "unpaired":

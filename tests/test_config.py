@@ -246,7 +246,7 @@ def test_override_unknown_lora_key(recipe_file):
 def test_override_wrong_type_number(recipe_file):
     msg = error_of(load_recipe, recipe_file, ["stages.sft.epochs=abc"])
     assert "override 'stages.sft.epochs'" in msg
-    assert "must be a number" in msg and "abc" in msg
+    assert "must be a finite number" in msg and "abc" in msg
 
 
 def test_override_wrong_type_whole_number(recipe_file):
@@ -327,7 +327,7 @@ def test_file_unknown_top_level_key(tmp_path):
 def test_file_wrong_type(tmp_path):
     msg, path = file_error(tmp_path, BASIC + "    epochs: abc\n")
     assert msg.startswith(f"{path}:")
-    assert "stages.sft.epochs" in msg and "must be a number" in msg
+    assert "stages.sft.epochs" in msg and "must be a finite number" in msg
 
 
 def test_file_bad_literal(tmp_path):

@@ -51,12 +51,14 @@ def test_folder_that_is_not_a_saved_dataset(tmp_path):
     assert str(tmp_path) in m and "save_to_disk" in m
 
 
-@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
-def test_invalid_utf8(tmp_path, suffix):
-    path = tmp_path / f"bad{suffix}"
+def test_invalid_utf8(tmp_path):
+    path = tmp_path / "bad.json"
     path.write_bytes(b'{"prompt": "\xff\xfe", "completion": "x"}\n')
     m = error_of(path, "sft")
     assert str(path) in m and "cannot read" in m and "UnicodeDecodeError" in m
+    path = tmp_path / "bad.jsonl"  # JSONL: the line it is on
+    path.write_bytes(b'{"prompt": "a", "completion": "x"}\n{"prompt": "\xff\xfe", "completion": "x"}\n')
+    assert error_of(path, "sft") == f"{path}, line 2: not UTF-8 text (byte 0xff at column 13)"
 
 
 def test_unsupported_extension(tmp_path):

@@ -281,7 +281,7 @@ VLLM_LAYOUTS = {
                        "stages.rloo.tensor_parallel_size: with vllm_mode: server the server's own"),
     "colocated tp over one process": ("grpo", dict(tensor_parallel_size=2), "stages.grpo.tensor_parallel_size: 2 "
                                                                             "must divide the 1 training processes"),
-    "tp zero": ("ppo", dict(tensor_parallel_size=0), "stages.ppo.tensor_parallel_size: must be at least 1; got 0"),
+    "tp zero": ("ppo", dict(tensor_parallel_size=0), "<recipe>: 'stages.ppo.tensor_parallel_size' must be >= 1; got 0"),
 }
 
 
@@ -293,9 +293,9 @@ def test_vllm_layout_mistakes_are_one_line_before_anything_loads(case, tiny_mode
     stage_type, settings, expected = VLLM_LAYOUTS[case]
     stage = dict(model=str(tiny_model), data=str(PROMPTS), reward_fn="test_grpo:no_filler", engine="vllm",
                  **({"num_generations": 2, "batch_size": 4} if stage_type != "ppo" else {}))
-    recipe = recipe_from_dict({"output_dir": "unused", "seed": 0, "stages": {stage_type: {**stage, **settings}}})
-    with pytest.raises(AlignError) as e:
-        check_recipe(recipe)
+    with pytest.raises(AlignError) as e:  # ranges when the recipe loads, the rest in check_recipe
+        check_recipe(recipe_from_dict({"output_dir": "unused", "seed": 0,
+                                       "stages": {stage_type: {**stage, **settings}}}))
     assert str(e.value).startswith(expected) and "\n" not in str(e.value), str(e.value)
 
 

@@ -43,8 +43,9 @@ BROKEN_THIRD = {
     "grpo batch": ("grpo", dict(batch_size=6, num_generations=4),
                    "stages.grpo.batch_size: batch_size * grad_accum (6) completions per step must be a multiple of "
                    "num_generations (4)"),
-    "grpo one generation": ("grpo", dict(num_generations=1), "stages.grpo.num_generations: must be at least 2"),
-    "response_length": ("ppo", dict(max_length=32, response_length=32), "stages.ppo.response_length: 32 must be"),
+    "grpo one generation": ("grpo", dict(num_generations=1), "'stages.grpo.num_generations' must be >= 2; got 1"),
+    "response_length": ("ppo", dict(max_length=32, response_length=32),
+                        "stages.ppo.response_length: 32 must leave room"),
     "reward_fn module": ("rloo", dict(reward_fn="no_such_module_xyz:fn"),
                          "stages.rloo.reward_fn: cannot import module 'no_such_module_xyz'"),
     "vllm on cpu": ("ppo", dict(engine="vllm"), "stages.ppo.engine: 'vllm'"),

@@ -33,9 +33,6 @@ def check_stage(recipe: Recipe, name: str, processes: int | None = None) -> int:
                           f"{key}.strict_eval")
     if stage.max_steps <= 0 and stage.epochs <= 0:
         raise AlignError(f"{key}.epochs: {stage.epochs} trains nothing; expected epochs > 0 or max_steps > 0")
-    if stage.batch_size < 1 or stage.grad_accum < 1:
-        raise AlignError(f"{key}.batch_size: batch_size and grad_accum must be at least 1; "
-                         f"got {stage.batch_size} and {stage.grad_accum}")
     processes = processes or world_size()
     if spec.online:
         check_online(recipe, name, processes)
@@ -111,9 +108,9 @@ def check_online(recipe: Recipe, name: str, processes: int = 1) -> None:
     if not stage.reward_model and not stage.reward_fn and not any(recipe.stages[n].type == "reward" for n in earlier):
         raise AlignError(f"{key}: stage '{name}' ({stage.type}) needs a reward: an earlier stage of type reward, "
                          f"'{key}.reward_model: ${{stage}}', or '{key}.reward_fn: module:function'")
-    if stage.response_length < 1 or stage.response_length >= stage.max_length:
-        raise AlignError(f"{key}.response_length: {stage.response_length} must be at least 1 and leave room for the "
-                         f"prompt in max_length={stage.max_length}")
+    if stage.response_length >= stage.max_length:  # each >= 1 (align.config's ranges)
+        raise AlignError(f"{key}.response_length: {stage.response_length} must leave room for the prompt in "
+                         f"max_length={stage.max_length}")
     if stage.reward_fn:
         from align.stages.online import load_reward_fn
 
@@ -124,8 +121,6 @@ def check_online(recipe: Recipe, name: str, processes: int = 1) -> None:
         check_vllm(f"{key}.engine")
     if stage.type in ("grpo", "rloo"):
         check_groups(stage, key)
-    if stage.type == "ppo" and stage.rollout_batch_size < 1:
-        raise AlignError(f"{key}.rollout_batch_size: must be at least 1; got {stage.rollout_batch_size}")
 
 
 QUANTIZED_TYPES = ("sft", "reward", "dpo", "kto", "ppo")  # the stages whose code loads a quantized base
@@ -177,8 +172,6 @@ def check_tensor_parallel(stage, key: str, world: int) -> None:
     """engine vllm: GPUs per engine. A server's own flag sets its GPUs; TRL's colocated vLLM shards the model
     over groups of `tensor_parallel_size` training processes, so they must divide the `world` processes launched."""
     size = stage.tensor_parallel_size
-    if size < 1:
-        raise AlignError(f"{key}.tensor_parallel_size: must be at least 1; got {size}")
     if stage.vllm_mode == "server" and size != 1:
         raise AlignError(f"{key}.tensor_parallel_size: with vllm_mode: server the server's own --tensor-parallel-size "
                          "sets its GPUs (trl vllm-serve --tensor-parallel-size N); remove it here")
@@ -190,9 +183,6 @@ def check_tensor_parallel(stage, key: str, world: int) -> None:
 
 def check_groups(stage, key: str) -> None:
     """GRPO/RLOO: TRL's batch counts completions, and each step needs whole groups of `num_generations`."""
-    if stage.num_generations < 2:
-        raise AlignError(f"{key}.num_generations: must be at least 2 (a completion is compared with the others "
-                         f"of its prompt); got {stage.num_generations}")
     per_step = stage.batch_size * stage.grad_accum
     if per_step % stage.num_generations:
         raise AlignError(f"{key}.batch_size: batch_size * grad_accum ({per_step}) completions per step must be "
