@@ -42,9 +42,14 @@ $(CHROMIUM):
 	$(SUDO) apt-get update -q
 	$(SUDO) apt-get install -y -q --no-install-recommends chromium
 
+# pytest-xdist: one worker per core (at most 4), a test file per worker at a time (`--dist loadfile`: a file's
+# module fixtures train once), torch's threads shared out among the workers (tests/conftest.py).
+# TEST_WORKERS=0 runs in this process.
+TEST_WORKERS ?= $(shell n=$$(nproc); [ $$n -gt 4 ] && n=4; echo $$n)
+
 test: install $(CHROMIUM)
 	$(PY) -m ruff check align reward labeling_app tests bench recipes
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=20
 
 test-slow: install
 	$(PY) -m pytest -q -m slow

@@ -1,5 +1,14 @@
-"""Fixtures: a tiny offline model built once per session, and a cache folder of our own."""
+"""Fixtures: a tiny offline model built once per session, caches of our own, and the seed and thread count
+that learning tests run under.
 
+Learning tests (a trained model got better) take their seed from `ALIGN_TEST_SEED` (default 0) and run with
+`ALIGN_TEST_THREADS` torch threads (default: torch's own choice; 1 per worker under pytest-xdist). Their bounds
+were set from the spread over seeds 0-4 and 1 and 2 threads (`tests/spread.py` runs that matrix); each
+test's comment gives the spread it measured.
+"""
+
+import contextlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -9,17 +18,75 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 TINY_SFT = REPO / "recipes" / "data" / "tiny_sft.jsonl"
 
-# Keep tests off the user's cache and off any network.
+# Keep tests off any network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+SEED = int(os.environ.get("ALIGN_TEST_SEED", "0"))
+THREADS = os.environ.get("ALIGN_TEST_THREADS")
+
+
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if not THREADS and WORKERS > 1:  # pytest -n N: the cores shared out, not N x all of them fighting
+    THREADS = str(max(1, (os.cpu_count() or 1) // WORKERS))
+if THREADS:  # children (align run in a subprocess, torchrun ranks) inherit it through OpenMP's variable
+    os.environ["OMP_NUM_THREADS"] = THREADS
+
+# Caches a test run may write, each moved under pytest's temporary folder (pytest_configure below), so the
+# suite never writes to the user's home: align's (models, ref_logps), Hugging Face's (datasets' builder locks
+# and Arrow files), matplotlib's font list, and anything else that follows XDG.
+CACHE_VARIABLES = {"ALIGN_CACHE": "align", "HF_HOME": "huggingface", "HF_DATASETS_CACHE": "huggingface/datasets",
+                   "MPLCONFIGDIR": "matplotlib", "XDG_CACHE_HOME": "xdg", "TRITON_CACHE_DIR": "triton"}
+HOME_CACHES = [Path.home() / ".cache" / name for name in ("align", "huggingface", "matplotlib", "torch")]
+
+
+def snapshot(folders: list[Path]) -> dict[str, tuple[int, int]]:
+    """Every file under `folders` with its size and modification time."""
+    files = {}
+    for folder in folders:
+        for root, _, names in os.walk(folder):
+            for name in names:
+                with contextlib.suppress(OSError):
+                    st = os.stat(os.path.join(root, name))
+                    files[os.path.join(root, name)] = (st.st_size, st.st_mtime_ns)
+    return files
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own configure made the temporary-folder factory
+def pytest_configure(config):
+    root = config._tmp_path_factory.mktemp("caches", numbered=True)
+    for variable, sub in CACHE_VARIABLES.items():
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        os.environ[variable] = str(root / sub)
+    config.home_caches_before = snapshot(HOME_CACHES)
+
 
 @pytest.fixture(scope="session", autouse=True)
-def align_cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("align-cache")
-    os.environ["ALIGN_CACHE"] = str(path)
-    return path
+def home_is_left_alone(request):
+    """Fails the session's last test (an error at its teardown) if anything under ~/.cache/{align,huggingface,
+    matplotlib,torch} was written while the tests ran."""
+    yield
+    before, after = request.config.home_caches_before, snapshot(HOME_CACHES)
+    changed = sorted(path for path in set(before) | set(after) if before.get(path) != after.get(path))
+    assert not changed, f"the tests wrote to the user's home: {changed[:5]}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def torch_threads():
+    if THREADS:
+        import torch
+
+        torch.set_num_threads(int(THREADS))
+
+
+def record_learning(test: str, **values: float) -> None:
+    """A learning test's measured values, appended to `ALIGN_SPREAD_LOG` (JSONL) when set, with the seed and
+    thread count they were measured under: `tests/spread.py` reads them to give each bound its spread."""
+    log = os.environ.get("ALIGN_SPREAD_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.write(json.dumps({"test": test, "seed": SEED, "threads": THREADS, **values}) + "\n")
 
 
 @pytest.fixture(scope="session")

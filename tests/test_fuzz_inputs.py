@@ -181,6 +181,13 @@ def test_flags_and_overrides_in_any_order(tmp_path, order):
     assert_one_error_line(code, err, "'stages.dpo.beta' must be > 0")
 
 
+def test_demo_takes_its_overrides_around_its_flags_too():
+    from align.cli import build_parser, parse
+
+    args = parse(build_parser(), ["demo", "seed=1", "--output-dir", "/tmp/d", "stages.dpo.beta=0.2"])
+    assert args.output_dir == "/tmp/d" and args.overrides == ["seed=1", "stages.dpo.beta=0.2"]
+
+
 def test_an_unknown_flag_is_still_refused_wherever_it_stands(tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "run", {"sft": STAGE_SETTINGS["sft"]})
     code, _, err = run_cli(["run", str(recipe), "--dry-run", "--bogus", "seed=1"])
