@@ -101,6 +101,11 @@ def verdict_of(report: dict) -> tuple[bool, list[str]]:
     return verdict(named)
 
 
+def number(value: float | None) -> str:
+    """A signal for the terminal; None (every answer empty: no tokens to take an NLL or distinct-2 of) is n/a."""
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def run_eval(args) -> int:
     texts = read_texts(args.forgetting_data, "--forgetting-data") if args.forgetting_data else None
     judges = make_judges(resolve_model(args.judge) if args.judge else None, args.judge_fn, "--judge-fn")
@@ -119,16 +124,16 @@ def run_eval(args) -> int:
           f"answer length      policy {report['words_policy']:.1f} words / {report['tokens_policy']:.1f} tokens   "
           f"baseline {report['words_baseline']:.1f} / {report['tokens_baseline']:.1f}")
     lo, hi = report["win_rate_ci"]
-    print(f"win rate 95% CI    {lo:.3f} - {hi:.3f}   length-controlled {report['lc_win_rate']:.3f}\n"
-          f"ref NLL (nats/tok) policy {report['ref_nll_policy']:.3f}   baseline {report['ref_nll_baseline']:.3f}  "
-          f"(under the baseline)\n"
-          f"distinct-2         policy {report['distinct2_policy'] or 0:.3f}   "
-          f"baseline {report['distinct2_baseline'] or 0:.3f}\n"
-          f"EOS rate           policy {report['eos_rate_policy']:.3f}   baseline {report['eos_rate_baseline']:.3f}  "
-          f"(answers that ended within --max-new-tokens)")
+    print(f"win rate 95% CI    {lo:.3f} - {hi:.3f}   length-controlled {number(report['lc_win_rate'])}\n"
+          f"ref NLL (nats/tok) policy {number(report['ref_nll_policy'])}   "
+          f"baseline {number(report['ref_nll_baseline'])}  (under the baseline)\n"
+          f"distinct-2         policy {number(report['distinct2_policy'])}   "
+          f"baseline {number(report['distinct2_baseline'])}\n"
+          f"EOS rate           policy {number(report['eos_rate_policy'])}   "
+          f"baseline {number(report['eos_rate_baseline'])}  (answers that ended within --max-new-tokens)")
     if "judge_reward_policy" in report:
-        print(f"judge reward       policy {report['judge_reward_policy']:.3f}   "
-              f"baseline {report['judge_reward_baseline']:.3f}")
+        print(f"judge reward       policy {number(report['judge_reward_policy'])}   "
+              f"baseline {number(report['judge_reward_baseline'])}")
     print("hacking suspected: " + ("; ".join(report["hacking_reasons"]) if report["hacking_suspected"] else "no"))
     if texts:
         print(f"general-text ppl   policy {report['forgetting_ppl_policy']:.3f}   "
