@@ -19,6 +19,9 @@ The load test and the benchmark call these same routes (`LabelingClient`).
 
 Gradio endpoints (api names): `load` (what the page calls when it opens), `vote` and
 `undo` (the same handlers, for gradio_client scripts), `admin_report`, `export` (admins).
+Which route and which endpoint each role may use, and the type of each endpoint argument, is
+one allow-list in `access.py`, enforced in front of every route; the server refuses to start
+when an endpoint here is missing from it.
 """
 
 from __future__ import annotations
@@ -27,9 +30,11 @@ import asyncio
 import logging
 import os
 import re
+import shutil
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from functools import partial
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -42,12 +47,12 @@ from pydantic import BaseModel, Field
 from starlette.middleware.cors import CORSMiddleware
 
 from align.errors import AlignError
-from labeling_app import export, quality, sessions, throttle
+from labeling_app import access, export, gradio_internals, quality, sessions, throttle
 from labeling_app.siteguard import SiteGuard
 from labeling_app.admin import build_report, report_markdown
 from labeling_app.passwords import verify_password
 from labeling_app.render import markdown_html, prompt_html
-from labeling_app.store import CHOICES, LabelStore, Presentation
+from labeling_app.store import CHOICES, LabelStore, Presentation, canonical_name
 
 log = logging.getLogger("align")
 
@@ -163,14 +168,17 @@ class UndoBody(BaseModel):
 class LabelingApp:
     def __init__(self, store: LabelStore, overlap: int = 3, lease_seconds: float = 600.0,
                  guidelines: str = DEFAULT_GUIDELINES, allow_origins: tuple[str, ...] = (), https: bool = False,
-                 session_idle: float = sessions.IDLE, session_lifetime: float = sessions.LIFETIME):
+                 session_idle: float = sessions.IDLE, session_lifetime: float = sessions.LIFETIME,
+                 files: str | None = None):
         self.store = store
+        self.files = files  # this server's own folder (`serve`): exports, and Gradio's file cache beside them
         self.https, self.session_idle, self.session_lifetime = https, session_idle, session_lifetime
         self.allow_origins = tuple(allow_origins)  # other sites' pages allowed to call the app (CORS)
         self.overlap = overlap
         self.lease_seconds = lease_seconds
         self.guidelines = guidelines
         self._exports: str | None = None  # a folder of our own for export files Gradio then serves
+        self.demo: gr.Blocks | None = None  # built by `server()`
         self._login_lock: anyio.Lock | None = None  # logins one at a time (made inside the event loop)
         # scrypt runs on a thread of its own, never on the pool whose threads store votes
         self._hash_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="align-scrypt")
@@ -195,6 +203,8 @@ class LabelingApp:
     def vote(self, picked: str, presentation_id: str, reason: str, user: str) -> LabelView:
         if picked not in CHOICES:
             raise ValueError(f"choice must be one of {CHOICES}, got {picked!r}")
+        if not isinstance(presentation_id, str) or not isinstance(reason, (str, type(None))):
+            return self.view(user, "Not saved: the presentation id and the reason must be text.")
         if not presentation_id:
             return self.view(user, "Nothing to vote on.")
         if len(reason or "") > MAX_REASON:
@@ -205,6 +215,8 @@ class LabelingApp:
         return self.view(user, STATUS[outcome.status], outcome.next)
 
     def undo(self, vote_id: str, user: str) -> LabelView:
+        if not isinstance(vote_id, (str, type(None))):
+            return self.view(user, "Nothing to undo.")
         outcome = self.store.undo(user, vote_id or "", self.overlap, self.lease_seconds)
         if outcome.undone is None:
             return self.view(user, "Nothing to undo.", outcome.next)
@@ -233,13 +245,16 @@ class LabelingApp:
 
     def export(self, kind: str, min_votes: float, min_agreement: float, user: str) -> str:
         self.require_admin(user)
-        if kind not in ("preferences", "raw", "kto"):
+        if kind not in export.KINDS:
             raise gr.Error("Export: expected preferences, raw or kto.", print_exception=False)
         try:
             min_votes, min_agreement = int(min_votes), float(min_agreement)
         except (TypeError, ValueError):
             raise gr.Error("Export: 'min votes' and 'min agreement' must be numbers.", print_exception=False) from None
-        self._exports = self._exports or tempfile.mkdtemp(prefix="align-label-export-")
+        if self._exports is None:
+            self._exports = os.path.join(self.files, "exports") if self.files else tempfile.mkdtemp(
+                prefix="align-label-export-")
+            os.makedirs(self._exports, exist_ok=True)
         self.sweep_exports()
         out = os.path.join(self._exports, f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
         try:
@@ -255,11 +270,9 @@ class LabelingApp:
 
     def sweep_exports(self, now: float | None = None, only: str | None = None) -> None:
         """Delete export files older than EXPORT_HOURS (or, with `only`, every export of that name, just
-        downloaded): ours, and the copies Gradio's file cache serves."""
-        from gradio.utils import get_upload_folder
-
+        downloaded): ours, and the copies Gradio's file cache serves (this server's own folder under `serve`)."""
         now = time.time() if now is None else now
-        for folder in filter(None, (self._exports, get_upload_folder())):
+        for folder in filter(None, (self._exports, gradio_internals.upload_folder())):
             for root, _, names in os.walk(folder):
                 for name in filter(EXPORT_NAME.fullmatch, names):
                     path = os.path.join(root, name)
@@ -272,6 +285,7 @@ class LabelingApp:
         """The login check, throttled (`throttle.py`). Logins run one at a time: the verdict, scrypt (~90 ms, on a
         thread of its own) and the failure it may record, so parallel guesses each see the ones before them."""
         address = throttle.CLIENT_ADDRESS.get()
+        username = canonical_name(username)
         self._login_lock = self._login_lock or anyio.Lock()
         async with self._login_lock:
             now = time.time()
@@ -294,15 +308,29 @@ class LabelingApp:
 
     def session_user(self, request: Request) -> str | None:
         """The account of this request's live session (its `align-session` cookie), or None (`sessions.py`).
-        Gradio asks the same, through `auth_dependency`."""
+        Gradio asks the same, through `auth_dependency`; `access.Access` has usually looked it up already."""
+        known = request.scope.get("state", {}).get(sessions.USER_KEY)
+        if known:
+            return known
         token = request.cookies.get(sessions.COOKIE)
         return self.store.session_user(token, self.session_idle, self.session_lifetime) if token else None
+
+    def session_check(self, token: str) -> tuple[str | None, str | None]:
+        """`session_user`'s read alone (`LabelStore.session_check`), for the event loop."""
+        return self.store.session_check(token, self.session_idle, self.session_lifetime)
 
     # -- the server
 
     def server(self) -> FastAPI:
         """The vote routes, with the Gradio app mounted behind them at /."""
-        server = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+
+        @asynccontextmanager
+        async def lifespan(app):
+            yield
+            if self.files:  # on a graceful stop (uvicorn then re-raises SIGTERM, so `serve` never returns)
+                shutil.rmtree(self.files, ignore_errors=True)
+
+        server = FastAPI(docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
 
         def authorized(request: Request) -> str | JSONResponse:
             if not request.headers.get("content-type", "").startswith("application/json"):
@@ -325,16 +353,20 @@ class LabelingApp:
             return self.undo(body.vote_id, user).json()
 
         sessions.add_session_routes(server, self)
-        demo = self.blocks()
+        demo = self.demo = self.blocks()
+        gradio_internals.check(demo)
+        registered = gradio_internals.endpoint_names(demo)
+        if registered != set(access.ENDPOINTS):
+            raise RuntimeError(f"access.ENDPOINTS names {sorted(access.ENDPOINTS)} but the app registers "
+                               f"{sorted(registered)}: classify every endpoint there")
         demo.queue(default_concurrency_limit=4)
         # Gradio's queue polls every 1 ms (and its progress loop every 10 ms) when idle: ~7% of a
         # core taken from the event loop that answers votes. Only admin events use the queue, and
         # waiting up to 50 ms to start costs them nothing.
-        if hasattr(demo._queue, "sleep_when_free"):
-            demo._queue.sleep_when_free = demo._queue.progress_update_sleep_when_free = 0.05
+        gradio_internals.quiet_queue(demo, 0.05)
         gr.mount_gradio_app(server, demo, path="/", auth_dependency=self.session_user, ssr_mode=False,
                             show_error=False, head=KEYBOARD_JS, css=CSS, footer_links=[])
-        server.add_middleware(sessions.PageAccess, labeling=self)
+        server.add_middleware(access.Access, labeling=self)  # who may use which route: one allow-list
         # An explicit CORS allow-list on the outer app (Gradio's own, which allows any origin with credentials,
         # steps aside when its parent configures CORS), then the cross-site guard outside everything.
         server.add_middleware(CORSMiddleware, allow_origins=list(self.allow_origins), allow_credentials=True,
@@ -380,7 +412,7 @@ class LabelingApp:
                 refresh = gr.Button("Refresh")
                 report = gr.Markdown()
                 with gr.Row():
-                    kind = gr.Radio(["preferences", "raw", "kto"], value="preferences", label="Export")
+                    kind = gr.Radio(list(export.KINDS), value="preferences", label="Export")
                     min_votes = gr.Number(1, precision=0, minimum=1, label="min votes")
                     min_agreement = gr.Number(0.0, minimum=0, maximum=1, label="min agreement")
                 export_button = gr.Button("Export")
@@ -426,10 +458,19 @@ def serve(store: LabelStore, host: str = "127.0.0.1", port: int = 7860, overlap:
           lease_seconds: float = 600.0, guidelines: str = DEFAULT_GUIDELINES,
           allow_origins: tuple[str, ...] = (), https: bool = False, session_idle: float = sessions.IDLE,
           session_lifetime: float = sessions.LIFETIME) -> None:
-    """Run the app until interrupted. Logging in is required for every page and route."""
+    """Run the app until interrupted. Logging in is required for every page and route.
+
+    The server keeps its files (exports, and Gradio's cache of what it serves, through Gradio's `GRADIO_TEMP_DIR`)
+    in a fresh folder of its own, removed when it stops: a gradio_client or a second server on the same machine,
+    which would otherwise share Gradio's machine-wide `<tmp>/gradio`, never sees or deletes them."""
     import uvicorn
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    server = LabelingApp(store, overlap, lease_seconds, guidelines, allow_origins, https, session_idle,
-                         session_lifetime).server()
-    uvicorn.run(server, host=host, port=port, log_level="warning")
+    files = tempfile.mkdtemp(prefix="align-label-")
+    os.environ["GRADIO_TEMP_DIR"] = os.path.join(files, "gradio")
+    try:
+        server = LabelingApp(store, overlap, lease_seconds, guidelines, allow_origins, https, session_idle,
+                             session_lifetime, files=files).server()
+        uvicorn.run(server, host=host, port=port, log_level="warning")
+    finally:
+        shutil.rmtree(files, ignore_errors=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import getpass
 import random
-import re
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,7 +17,6 @@ from pathlib import Path
 from align.errors import AlignError
 
 DB_HELP = "the label database, a SQLite file (default labels.sqlite)"
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 
 EPILOG = """workflow:
   align label users add alice --admin          create an admin (asks for a password)
@@ -150,7 +148,8 @@ def _add_users_parser(sub) -> None:
     users_sub = users.add_subparsers(dest="users_command", metavar="ACTION")
     add = users_sub.add_parser("add", help="create an account", description="Create an account; asks for its "
                                "password twice, or reads one line from stdin with --password-stdin.")
-    add.add_argument("name", help="login name: letters, digits and _.@- (up to 64)")
+    add.add_argument("name", help="login name: letters, digits and _.@- (up to 64); case and Unicode forms are "
+                     "folded (Alice is alice)")
     add.add_argument("--admin", action="store_true", help="may see the admin view and export")
     add.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
     add.add_argument("--db", default="labels.sqlite", help=DB_HELP)
@@ -265,11 +264,13 @@ def score_pairs(pairs: list, reward_model: str, reward_scorer) -> None:
 
 def cmd_users(args) -> int:
     from labeling_app.passwords import hash_password
-    from labeling_app.store import LabelStore
+    from labeling_app.store import LabelStore, canonical_name
 
     action = args.users_command
     if action is None:
         raise AlignError("label users: expected an action: add, list, remove, passwd or unlock")
+    if action != "list":
+        args.name = canonical_name(args.name)
     if action in ("add", "passwd"):
         _check_name(args.name)
         if action == "add":
@@ -368,8 +369,10 @@ def cmd_export(args) -> int:
 
 
 def _check_name(name: str) -> None:
-    if not NAME.match(name):
-        raise AlignError(f"user name {name!r}: expected 1-64 letters, digits or _.@- starting with a letter or digit")
+    from labeling_app.store import name_problem
+
+    if why := name_problem(name):
+        raise AlignError(f"user name {name!r}: {why}")
 
 
 def _read_password(from_stdin: bool) -> str:

@@ -27,6 +27,8 @@ from align.errors import AlignError
 
 from labeling_app.store import LabelStore, Pair, Vote
 
+KINDS = ("preferences", "raw", "kto")  # what an export can be: the admin tab, its endpoint, the CLI's flags
+
 
 @dataclass
 class Verdict:

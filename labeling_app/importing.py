@@ -14,20 +14,25 @@ Accepted rows (JSONL, JSON, Parquet, CSV or a save_to_disk folder, read by align
 The prompt may be a string or a message list ending with a user turn; responses are
 strings. Metadata is for the admin and the raw export; annotators never see it, so
 model names and scores cannot sway a vote. A bad row stops the import before anything
-is written, with the file, line, field and what was expected.
+is written, with the file, line, field and what was expected. Besides the formats, every
+row is checked for what JSON can hold and the database cannot: half of a UTF-16 surrogate
+pair (`"\ud800"`, which no UTF-8 text can hold) and nesting deeper than `MAX_DEPTH`
+(`tests/test_label_import_fuzz.py` draws malformed files to keep it so).
 """
 
 from __future__ import annotations
 
 import itertools
 import random
+from pathlib import Path
 
 from align.data import check_turn, read_rows
-from align.errors import AlignError
+from align.errors import AlignError, where
 
 from labeling_app.store import NewPair
 
 FORMATS = ("auto", "rollouts", "pairs", "preference")
+MAX_DEPTH = 100  # lists and objects inside each other; JSON allows any, Python's reader and writer stop near 1000
 EXAMPLES = {
     "rollouts": "{'prompt': ..., 'completions': [...], 'rewards': [...], 'model': ...}",
     "pairs": "{'prompt': ..., 'response_a': ..., 'response_b': ..., 'metadata': {...}}",
@@ -36,7 +41,7 @@ EXAMPLES = {
 
 
 def read_pairs(source: str, fmt: str = "auto", max_pairs_per_prompt: int = 0, seed: int = 0) -> list[NewPair]:
-    data = read_rows(source)
+    data = _read(source)
     if not data.rows:
         raise AlignError(f"{source}: file is empty; expected rows like {EXAMPLES['rollouts']} "
                          f"or {EXAMPLES['pairs']}")
@@ -46,6 +51,7 @@ def read_pairs(source: str, fmt: str = "auto", max_pairs_per_prompt: int = 0, se
     pairs: list[NewPair] = []
     for i, row in enumerate(data.rows):
         at = data.at(i)
+        _check_values(row, at)
         if fmt == "rollouts":
             pairs.extend(_from_rollout(row, at, max_pairs_per_prompt, rng))
         elif fmt == "pairs":
@@ -55,6 +61,63 @@ def read_pairs(source: str, fmt: str = "auto", max_pairs_per_prompt: int = 0, se
     if not pairs:
         raise AlignError(f"{source}: no pairs to label; every rollout row has fewer than 2 different completions")
     return pairs
+
+
+def _read(source: str):
+    """`align.data.read_rows`, with what it lets through as a Python exception turned into one line: JSON nested
+    too deeply for Python's reader (RecursionError; the line named for JSONL), and a folder that is not a
+    save_to_disk dataset after all (datasets raises many types)."""
+    try:
+        return read_rows(source)
+    except RecursionError:
+        raise AlignError(f"{_deep_line(source)}: JSON nested too deeply (more than {MAX_DEPTH} lists or objects "
+                         "inside each other)") from None
+    except AlignError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- only for a folder: datasets' and pyarrow's many error types
+        if not Path(source).is_dir():
+            raise
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise AlignError(f"{source}: cannot read the folder as a save_to_disk dataset ({e.__class__.__name__}: "
+                         f"{first})") from None
+
+
+def _deep_line(source: str) -> str:
+    """`file, line N` for the first line of a JSONL file too deeply nested to read, else the file."""
+    import json
+
+    if Path(source).suffix.lower() in (".jsonl", ".ndjson"):
+        with open(source, encoding="utf-8", errors="replace") as f:
+            for n, line in enumerate(f, start=1):
+                try:
+                    json.loads(line)
+                except RecursionError:
+                    return where(source, n, line=True)
+                except ValueError:
+                    pass
+    return str(source)
+
+
+def _check_values(row: dict, at: str) -> None:
+    """Every string is text UTF-8 can hold (no lone surrogate), and nothing is nested deeper than MAX_DEPTH."""
+    stack = [(key, value, 1) for key, value in row.items()]
+    while stack:
+        name, value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise AlignError(f"{at}: field '{name.split('[')[0].split('.')[0]}' is nested too deeply (more than "
+                             f"{MAX_DEPTH} lists or objects inside each other)")
+        if isinstance(value, str):
+            bad = next((c for c in value if "\ud800" <= c <= "\udfff"), None)
+            if bad is not None:
+                raise AlignError(f"{at}: field '{name}' holds a lone UTF-16 surrogate ({ascii(bad)}): JSON escapes "
+                                 "\\ud800-\\udfff come in pairs; not text")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if isinstance(key, str) and any("\ud800" <= c <= "\udfff" for c in key):
+                    raise AlignError(f"{at}: field '{name}' has a key holding a lone UTF-16 surrogate; not text")
+                stack.append((f"{name}.{key}", item, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((f"{name}[{j}]", item, depth + 1) for j, item in enumerate(value))
 
 
 def detect(row: dict, at: str) -> str:

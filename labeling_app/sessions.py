@@ -1,4 +1,4 @@
-"""Sessions owned by the app: login, logout, the session cookie, and who may open what.
+"""Sessions owned by the app: login, logout and the session cookie.
 
 A login (`POST /login`, the form Gradio's own login used: `username`, `password`) that passes the
 throttle and the password check creates a session in the label database: a random 256-bit token, of
@@ -10,6 +10,11 @@ cookie `align-session`: `HttpOnly`, `SameSite=Lax`, and `Secure` when the app is
 a button that posts), when the account's password changes and when the account is removed; it
 survives a server restart. Gradio learns the user through its supported hook, `auth_dependency`.
 
+Who may open which route (the page, Gradio's routes, files) is `access.py`'s allow-list.
+
+A login name is compared in its canonical form (`store.canonical_name`: Unicode NFKC, case-folded), so `Alice`,
+`ALICE` and `alice` are one account.
+
 A browser posting the login form gets a redirect to the page (or the form again, with one line
 saying why); a script (`gradio_client`, `LabelingClient`) gets JSON and the cookie, 200 or 400.
 """
@@ -17,14 +22,15 @@ saying why); a script (`gradio_client`, `LabelingClient`) gets JSON and the cook
 from __future__ import annotations
 
 import html
-import os
-from functools import partial
 
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
+from labeling_app.store import canonical_name
+
 COOKIE = "align-session"
+USER_KEY = "align_user"  # the request's account, in its scope's state once `access.Access` has looked it up
 IDLE = 12 * 3600.0
 LIFETIME = 7 * 24 * 3600.0
 
@@ -65,7 +71,8 @@ def add_session_routes(server: FastAPI, labeling) -> None:
 
     async def do_login(request: Request):
         form = await request.form()
-        username, password = str(form.get("username", "")).strip(), str(form.get("password", ""))
+        username = canonical_name(str(form.get("username", "")).strip())
+        password = str(form.get("password", ""))
         if not username or not await labeling.login(username, password):
             return login_page(REFUSED, 400) if wants_html(request) else JSONResponse({"error": REFUSED}, 400)
         token = await anyio.to_thread.run_sync(labeling.store.create_session, username)
@@ -93,48 +100,3 @@ def add_session_routes(server: FastAPI, labeling) -> None:
     for path in ("/logout", "/logout/"):
         server.add_api_route(path, show_logout, methods=["GET"], include_in_schema=False)
         server.add_api_route(path, do_logout, methods=["POST"], include_in_schema=False)
-
-
-class PageAccess:
-    """ASGI middleware: the page (`GET /`) sends a visitor without a live session to the login form; Gradio's file
-    route, which serves what handlers return (here only exports: the annotator page has no file), is for admins
-    alone; an export is deleted once downloaded, and an hour-old one before any file is served."""
-
-    def __init__(self, app, labeling):
-        self.app, self.labeling = app, labeling
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            path = scope["path"]
-            if path == "/" and scope["method"] in ("GET", "HEAD"):
-                if not await anyio.to_thread.run_sync(self.labeling.session_user, Request(scope)):
-                    await RedirectResponse("login", status_code=303)(scope, receive, send)
-                    return
-            elif "/file=" in path:
-                await anyio.to_thread.run_sync(self.labeling.sweep_exports)
-                user = await anyio.to_thread.run_sync(self.labeling.session_user, Request(scope))
-                account = await anyio.to_thread.run_sync(self.labeling.store.user, user) if user else None
-                if account is None or not account.is_admin:
-                    response = JSONResponse({"error": "files (exports) are for admins only"}, status_code=403)
-                    await response(scope, receive, send)
-                    return
-                await self.serve_once(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-    async def serve_once(self, scope, receive, send) -> None:
-        """An export served whole (200 to a GET) is deleted at once: ours and Gradio's cached copy (`sweep_exports`
-        deletes only files named as exports)."""
-        from urllib.parse import unquote
-
-        name = os.path.basename(unquote(scope["path"].split("/file=", 1)[1]))
-        status = {}
-
-        async def sending(message):
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        await self.app(scope, receive, sending)
-        if scope["method"] == "GET" and status.get("code") == 200:
-            await anyio.to_thread.run_sync(partial(self.labeling.sweep_exports, only=name))

@@ -16,8 +16,8 @@ layers stop that, on the outer FastAPI app that holds both the Gradio mount and 
   --allow-origin URL` adds one): only listed origins get `Access-Control-Allow-Origin`.
 
 Limits, before any route reads a byte: a body over `MAX_BODY` (64 KB; a vote is a few hundred bytes) gets 413,
-from its `Content-Length` or, for a chunked body, as soon as it grows past the limit; uploads (Gradio's
-`/upload` routes: the app has no file input) get 403.
+from its `Content-Length` or, for a chunked body, as soon as it grows past the limit. Which routes a request may
+reach at all (uploads: none, the app has no file input) is `access.py`'s allow-list, behind this.
 
 Every response also carries `Content-Security-Policy: frame-ancestors 'none'` and `X-Frame-Options:
 DENY` (no framing: clickjacking), `X-Content-Type-Options: nosniff` and `Referrer-Policy: same-origin`.
@@ -41,13 +41,19 @@ SECURITY_HEADERS = {
 
 
 def normalize_origin(origin: str) -> str:
-    """`scheme://host[:port]`, lower case, default ports dropped; '' for what is not an origin ("null")."""
-    parts = urlsplit(origin.strip().lower())
+    """`scheme://host[:port]`, lower case, default ports dropped; '' for what is not an origin ("null", a port that
+    is not a number from 0 to 65535, an unclosed IPv6 bracket: urlsplit raises on those), which is then refused."""
+    try:
+        parts = urlsplit(origin.strip().lower())
+        port_number = parts.port
+    except ValueError:
+        return ""
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return ""
     default = {"http": 80, "https": 443}[parts.scheme]
-    port = f":{parts.port}" if parts.port and parts.port != default else ""
-    return f"{parts.scheme}://{parts.hostname}{port}"
+    port = f":{port_number}" if port_number and port_number != default else ""
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname  # IPv6, as a Host header writes it
+    return f"{parts.scheme}://{host}{port}"
 
 
 def _host_of(origin: str) -> str:
@@ -61,7 +67,9 @@ def _request_hosts(headers: Headers) -> set[str]:
     names.update(h.strip() for h in headers.get("x-forwarded-host", "").split(","))
     out = set()
     for name in filter(None, (n.strip().lower() for n in names)):
-        host, _, port = name.partition(":")
+        host, colon, port = name.rpartition(":")
+        if not colon or "]" in port:  # no port ("example.com", "[::1]")
+            host, port = name, ""
         out.add(host if port in ("", "80", "443") else name)
     return out
 
@@ -93,9 +101,6 @@ class SiteGuard:
             return
         if scope["type"] == "websocket":
             await self.app(scope, receive, send)
-            return
-        if scope["path"].rstrip("/").endswith("/upload"):
-            await self.refuse(scope, send, 403, "uploads are off: this app takes no files")
             return
         declared = headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):

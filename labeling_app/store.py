@@ -20,6 +20,8 @@ What the store guarantees, and how:
   `BEGIN IMMEDIATE`, so they wait in line instead of in SQLite's sleep-and-retry busy
   handler; other processes (the CLI importing while the app serves) wait on
   `busy_timeout`. WAL lets reads run beside the writer.
+- **One name, one account.** A login name is stored and compared in its canonical form
+  (`canonical_name`: Unicode NFKC, case-folded), so `Alice` and `alice` are one account.
 - **The schema is versioned.** `PRAGMA user_version` holds it; `MIGRATIONS[i]` takes a
   database from version i to i+1 inside one transaction, and a database from a newer
   release is refused rather than misread.
@@ -32,11 +34,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
+import re
 import secrets
 import sqlite3
 import threading
 import time
+import unicodedata
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -44,6 +49,8 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from align.errors import AlignError
+
+log = logging.getLogger("align")
 
 # What the annotator clicks. The store turns left/right into the stored response ('a' or 'b')
 # using the side each response was shown on, inside the vote's transaction.
@@ -121,7 +128,7 @@ CREATE INDEX login_failures_by_address ON login_failures (address, at)
 """
 
 # MIGRATIONS[i] takes a database from version i to i+1: SQL statements split on ';' (so none
-# inside a string or comment), run in one transaction with the version bump.
+# inside a string or comment), or a function of the connection, run in one transaction with the version bump.
 # Sessions: the app's own (not Gradio's in-memory tokens), so they survive a restart and end on logout,
 # password change and account removal. Only a SHA-256 of the token is stored.
 _V3 = """
@@ -134,7 +141,33 @@ CREATE TABLE sessions (
 CREATE INDEX sessions_by_user ON sessions (user)
 """
 
-MIGRATIONS = [_V1, _V2, _V3]
+def _canonical_names(db: sqlite3.Connection) -> None:
+    """Version 4: login names in their canonical form (`canonical_name`), in users, sessions, leases, votes and
+    failed logins. Names that fold to one (`Alice` beside `alice`: the old check was case-sensitive) stay apart: an
+    account already named in the canonical form keeps its name; the others take their folded name in the order
+    they were created, each one that finds it taken the first free `<name>.2`, `<name>.3` ..., its votes going
+    with it and its sessions ended (its login name changed). Each such rename is logged. Votes of removed accounts
+    keep the name they were cast under: there is no account to merge them into."""
+    names = [r[0] for r in db.execute("SELECT name FROM users ORDER BY created_at, rowid")]
+    taken = {name for name in names if _folded(name) == name}
+    for old in (name for name in names if name not in taken):
+        new, n = _folded(old), 2
+        while new in taken:
+            new, n = f"{_folded(old)}.{n}", n + 1
+        taken.add(new)
+        db.execute("UPDATE users SET name = ? WHERE name = ?", (new, old))
+        if new != _folded(old):
+            db.execute("DELETE FROM sessions WHERE user = ?", (old,))
+            log.warning("label database: account %r is now %r (%r, the same name once case and Unicode forms are "
+                        "folded, is taken); its votes go with it", old, new, _folded(old))
+        for table, column in (("sessions", "user"), ("leases", "annotator"), ("votes", "annotator")):
+            db.execute(f"UPDATE {table} SET {column} = ? WHERE {column} = ?", (new, old))
+    for (name,) in db.execute("SELECT DISTINCT name FROM login_failures").fetchall():
+        if _folded(name) != name:
+            db.execute("UPDATE login_failures SET name = ? WHERE name = ?", (_folded(name), name))
+
+
+MIGRATIONS = [_V1, _V2, _V3, _canonical_names]
 SEEN_EVERY = 60.0  # seconds: how stale a session's last_seen may get before a request writes it
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -293,7 +326,12 @@ class LabelStore:
                 raise AlignError(f"{self.path}: label database has schema version {version}, newer than this "
                                  f"align understands ({SCHEMA_VERSION}); upgrade align to open it")
             for target in range(version + 1, SCHEMA_VERSION + 1):
-                for statement in MIGRATIONS[target - 1].split(";"):
+                step = MIGRATIONS[target - 1]
+                if callable(step):
+                    step(db)
+                    db.execute(f"PRAGMA user_version = {target}")
+                    continue
+                for statement in step.split(";"):
                     if statement.strip():
                         db.execute(statement)
                 db.execute(f"PRAGMA user_version = {target}")
@@ -307,6 +345,7 @@ class LabelStore:
     # -- users
 
     def add_user(self, name: str, password_hash: str, is_admin: bool = False) -> None:
+        name = canonical_name(name)
         with self._write() as db:
             if db.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone():
                 raise AlignError(f"user '{name}' already exists in {self.path}")
@@ -314,6 +353,7 @@ class LabelStore:
                        (name, password_hash, int(is_admin), time.time()))
 
     def set_password(self, name: str, password_hash: str) -> None:
+        name = canonical_name(name)
         with self._write() as db:
             if not db.execute("UPDATE users SET password_hash = ? WHERE name = ?", (password_hash, name)).rowcount:
                 raise AlignError(f"no user '{name}' in {self.path}")
@@ -321,6 +361,7 @@ class LabelStore:
 
     def remove_user(self, name: str) -> None:
         """The account goes at once, even on a running server; the votes stay (they are the data)."""
+        name = canonical_name(name)
         with self._write() as db:
             if not db.execute("DELETE FROM users WHERE name = ?", (name,)).rowcount:
                 raise AlignError(f"no user '{name}' in {self.path}")
@@ -332,6 +373,7 @@ class LabelStore:
     def create_session(self, user: str, now: float | None = None) -> str:
         """A new session for `user`: returns its token (random, 256 bits), of which only a hash is kept."""
         token = secrets.token_urlsafe(32)
+        user = canonical_name(user)
         now = time.time() if now is None else now
         with self._write() as db:
             db.execute("INSERT INTO sessions (token_hash, user, created_at, last_seen) VALUES (?, ?, ?, ?)",
@@ -342,36 +384,53 @@ class LabelStore:
         """The account a session token belongs to, if the session is alive: at most `idle` seconds since it was
         last used, `lifetime` since it began, and the account still there. An expired session is deleted."""
         now = time.time() if now is None else now
+        user, write = self.session_check(token, idle, lifetime, now)
+        if write:
+            self.session_write(token, write, now)
+        return user
+
+    def session_check(self, token: str, idle: float, lifetime: float, now: float | None = None) -> tuple[
+            str | None, str | None]:
+        """`session_user` without its write, so it can run where waiting for the writer must not happen (the
+        server's event loop; a WAL read never waits for it): (the account or None, the write the session needs:
+        "end" once expired, "seen" when its last use is more than SEEN_EVERY seconds old, else None)."""
+        now = time.time() if now is None else now
         row = self._db().execute("SELECT s.user, s.created_at, s.last_seen FROM sessions s JOIN users u "
                                  "ON u.name = s.user WHERE s.token_hash = ?", (_token_hash(token),)).fetchone()
         if row is None:
-            return None
+            return None, None
         user, created, seen = row
         if now - seen > idle or now - created > lifetime:
+            return None, "end"
+        return user, ("seen" if now - seen > SEEN_EVERY else None)
+
+    def session_write(self, token: str, write: str, now: float | None = None) -> None:
+        """Carry out what `session_check` said: end the session, or note its use now."""
+        if write == "end":
             self.end_session(token)
-            return None
-        if now - seen > SEEN_EVERY:
+        elif write == "seen":
             with self._write() as db:
-                db.execute("UPDATE sessions SET last_seen = ? WHERE token_hash = ?", (now, _token_hash(token)))
-        return user
+                db.execute("UPDATE sessions SET last_seen = ? WHERE token_hash = ?",
+                           (time.time() if now is None else now, _token_hash(token)))
 
     def end_session(self, token: str) -> bool:
         with self._write() as db:
             return bool(db.execute("DELETE FROM sessions WHERE token_hash = ?", (_token_hash(token),)).rowcount)
 
     def sessions(self, user: str) -> int:
-        return self._db().execute("SELECT COUNT(*) FROM sessions WHERE user = ?", (user,)).fetchone()[0]
+        return self._db().execute("SELECT COUNT(*) FROM sessions WHERE user = ?",
+                                  (canonical_name(user),)).fetchone()[0]
 
     # -- failed logins
 
     def record_login_failure(self, name: str, address: str, at: float | None = None) -> None:
         with self._write() as db:
             db.execute("INSERT INTO login_failures (name, address, at) VALUES (?, ?, ?)",
-                       (name, address, time.time() if at is None else at))
+                       (canonical_name(name), address, time.time() if at is None else at))
 
     def login_failures(self, since: float, name: str | None = None, address: str | None = None) -> list[float]:
         """Times (ascending) of the failed logins since `since` for an account name or a client address."""
-        column, value = ("name", name) if name is not None else ("address", address)
+        column, value = ("name", canonical_name(name)) if name is not None else ("address", address)
         rows = self._db().execute(f"SELECT at FROM login_failures WHERE {column} = ? AND at >= ? ORDER BY at",
                                   (value, since))
         return [r[0] for r in rows]
@@ -379,10 +438,10 @@ class LabelStore:
     def clear_login_failures(self, name: str) -> int:
         """Forget an account's failed logins (after a good one, or `users unlock`); how many there were."""
         with self._write() as db:
-            return db.execute("DELETE FROM login_failures WHERE name = ?", (name,)).rowcount
+            return db.execute("DELETE FROM login_failures WHERE name = ?", (canonical_name(name),)).rowcount
 
     def user(self, name: str) -> User | None:
-        row = self._db().execute("SELECT * FROM users WHERE name = ?", (name,)).fetchone()
+        row = self._db().execute("SELECT * FROM users WHERE name = ?", (canonical_name(name),)).fetchone()
         return _user(row) if row else None
 
     def users(self) -> list[User]:
@@ -507,6 +566,31 @@ class LabelStore:
             "undone": db.execute("SELECT count(*) FROM votes WHERE undone_at IS NOT NULL").fetchone()[0],
             "users": db.execute("SELECT count(*) FROM users").fetchone()[0],
         }
+
+
+NAME = re.compile(r"[a-z0-9][a-z0-9_.@-]{0,63}")  # a canonical login name, matched whole
+
+
+def canonical_name(name: str) -> str:
+    """The form a login name is stored and compared in: Unicode NFKC, case-folded (`ALICE`, `Alice` and the
+    full-width `ａｌｉｃｅ` are `alice`). Nothing is stripped: a name with a control character or a trailing newline
+    stays unlike every valid name (`name_problem` refuses it)."""
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", name).casefold())
+
+
+def name_problem(name: str) -> str | None:
+    """Why `name` cannot be a new login name, or None. Checked on its canonical form."""
+    folded = canonical_name(name)
+    if any(unicodedata.category(c)[0] == "C" for c in folded):
+        return "has a control or invisible character (a newline, a tab ...)"
+    if not NAME.fullmatch(folded):
+        return "expected 1-64 letters, digits or _.@- starting with a letter or digit"
+    return None
+
+
+def _folded(name: str) -> str:
+    """A stored name's canonical form, control characters and surrounding spaces dropped (for the migration)."""
+    return "".join(c for c in canonical_name(name) if unicodedata.category(c)[0] != "C").strip() or name
 
 
 def content_key(prompt: str | list, response_a: str, response_b: str) -> str:

@@ -130,7 +130,7 @@ def test_an_admin_exports_in_the_browser_and_the_file_goes_once_downloaded(serve
         link.wait_for(timeout=30_000)
         name = os.path.basename(link.get_attribute("href").split("file=", 1)[1])
         time.sleep(1.0)  # had the page fetched it to show it, the export would be gone by now
-        assert glob.glob(f"/tmp/align-label-export-*/{name}")
+        assert glob.glob(f"/tmp/align-label-*/exports/{name}")
         with page.expect_download(timeout=30_000) as download:
             link.click()
         saved = tmp_path / name
@@ -139,6 +139,6 @@ def test_an_admin_exports_in_the_browser_and_the_file_goes_once_downloaded(serve
     rows = [line for line in saved.read_text().splitlines() if line.strip()]
     assert rows and all('"annotator": "ann"' in r for r in rows)
     deadline = time.monotonic() + 10
-    while glob.glob(f"/tmp/align-label-export-*/{name}") and time.monotonic() < deadline:
+    while glob.glob(f"/tmp/align-label-*/exports/{name}") and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not glob.glob(f"/tmp/align-label-export-*/{name}")
+    assert not glob.glob(f"/tmp/align-label-*/exports/{name}")
