@@ -328,13 +328,19 @@ def apply_lora(model, lora, task_type: str = "CAUSAL_LM"):
         raise AlignError(f"lora.target_modules: {str(e).splitlines()[0]}") from None
 
 
-def weights_fingerprint(path: str) -> str:
-    """A cheap identity of a model folder: names, sizes and mtimes of its files."""
+def weights_fingerprint(path: str, content: bool = False) -> str:
+    """A cheap identity of a model folder: names, sizes and mtimes of its files; with `content`, names and
+    bytes (for small folders that are rebuilt byte for byte, like the tiny model in each cache)."""
     p = Path(path)
     if not p.is_dir():
         return "hub:" + path
-    items = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in p.iterdir() if f.is_file())
-    return _short_hash(json.dumps(items))
+    files = sorted(f for f in p.iterdir() if f.is_file())
+    if content:
+        digest = hashlib.sha256()
+        for f in files:
+            digest.update(f.name.encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
+        return digest.hexdigest()[:12]
+    return _short_hash(json.dumps([(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]))
 
 
 def reference_model(model, lora, precomputed: bool = False):

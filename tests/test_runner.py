@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -35,6 +36,34 @@ def test_complete_stage_is_skipped_and_changed_inputs_rerun(tiny_model, tmp_path
     assert "inputs changed" in caplog.text
     assert changed["train_loss"] != first["train_loss"]
     assert json.loads((out / "sft" / "manifest.json").read_text())["config"]["lr"] == 1e-3
+
+
+def test_a_stage_from_the_tiny_model_is_complete_in_a_copy_under_another_cache(tmp_path, monkeypatch, caplog):
+    """`model: tiny` is built into each cache byte for byte the same: a stage trained under one cache and copied
+    is skipped under another (what a second machine, or a second pytest-xdist worker, sees); a tiny model whose
+    bytes differ is another input, and the stage reruns."""
+    import shutil
+
+    from align.models import resolve_model
+
+    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache_a"))
+    first = tmp_path / "a"
+    run_recipe(load_recipe(write_recipe(tmp_path / "a.yaml", first, {"sft": tiny_sft_stage("tiny", max_steps=2)})))
+    copy = tmp_path / "b"
+    shutil.copytree(first / "sft", copy / "sft")
+
+    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache_b"))
+    caplog.set_level(logging.INFO, logger="align")
+    recipe = load_recipe(write_recipe(tmp_path / "b.yaml", copy, {"sft": tiny_sft_stage("tiny", max_steps=2)}))
+    run_recipe(recipe)
+    assert "stage sft: complete with the same inputs" in caplog.text
+    assert json.loads((copy / "sft" / "manifest.json").read_text())["attempts"] == 1
+
+    tokenizer = Path(resolve_model("tiny")) / "tokenizer_config.json"  # cache_b's copy, one byte more
+    tokenizer.write_text(tokenizer.read_text() + " ")
+    caplog.clear()
+    run_recipe(recipe)
+    assert "inputs changed since the last run" in caplog.text
 
 
 def test_downstream_stage_reruns_when_upstream_model_changes(tiny_model, tmp_path, caplog):
