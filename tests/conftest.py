@@ -97,6 +97,41 @@ def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
+PPO_RECIPE = REPO / "recipes" / "tiny-sft-rm-ppo.yaml"
+
+
+@pytest.fixture(scope="session")
+def ppo_upstream(tmp_path_factory) -> Path:
+    """The shipped tiny SFT -> reward -> PPO recipe's SFT and reward stages at SEED, trained once per test run:
+    under pytest-xdist the first worker to ask trains them under a file lock in the folder all workers share,
+    the others wait and read the result. Read-only: a test copies the stages into its own output folder,
+    where `align run` skips them (complete, same inputs)."""
+    from filelock import FileLock
+
+    from align.runner import run_recipe
+    from align.stages import load_recipe
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    out = shared / f"ppo-upstream-seed{SEED}"
+    with FileLock(f"{out}.lock"):
+        done = out / "reward" / "manifest.json"
+        if not (done.exists() and json.loads(done.read_text())["status"] == "complete"):
+            run_recipe(load_recipe(PPO_RECIPE, [f"output_dir={out}", f"seed={SEED}"]), only=["sft", "reward"])
+    return out
+
+
+def copy_stages(src: Path, out: Path, stages=("sft", "reward")) -> Path:
+    """`out` made, holding a copy of each finished stage folder of `src`."""
+    import shutil
+
+    out.mkdir(parents=True, exist_ok=True)
+    for stage in stages:
+        shutil.copytree(src / stage, out / stage)
+    return out
+
+
 @pytest.fixture
 def python() -> str:
     return sys.executable

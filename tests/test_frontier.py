@@ -6,7 +6,7 @@ import re
 import subprocess
 import sys
 
-from conftest import REPO
+from conftest import REPO, SEED, record_learning
 
 from align.judges import sentiment
 
@@ -37,8 +37,8 @@ def test_sentiment_data_is_reproducible_and_holds_out_unseen_titles(tmp_path):
 def test_quick_frontier_run(tmp_path):
     out, result_path, png = tmp_path / "work", tmp_path / "frontier.json", tmp_path / "frontier.png"
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "frontier.py"), "--quick", "--out", str(out),
-                           "--json", str(result_path), "--png", str(png)], capture_output=True, text=True,
-                          timeout=600)
+                           "--json", str(result_path), "--png", str(png), "--seed", str(SEED)], capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     result = json.loads(result_path.read_text())
     points = {(p["method"], p["setting"]): p for p in result["points"]}
@@ -52,11 +52,19 @@ def test_quick_frontier_run(tmp_path):
     assert recipe.count("type: dpo") == len(result["betas"]) and recipe.count("type: ppo") == len(result["kl_coefs"])
 
     sft = points[("sft", None)]
-    assert abs(sft["kl"]) < 0.05  # the SFT model against itself
     trained = [p for p in result["points"] if p["method"] != "sft"]
-    assert all(p["kl"] > 0.1 for p in trained)  # every policy moved away from the SFT model
-    assert all(p["judge"] > sft["judge"] + 0.1 for p in trained)  # ... towards happier reviews (quick run: +0.25..+0.5)
     lo, hi = min(result["kl_coefs"]), max(result["kl_coefs"])
+    record_learning("test_quick_frontier_run", min_kl=min(p["kl"] for p in trained),
+                    min_judge_gain=min(p["judge"] - sft["judge"] for p in trained),
+                    ppo_kl_lo_minus_hi=points[("ppo", lo)]["kl"] - points[("ppo", hi)]["kl"],
+                    pair_judge_gap=result["pairs"]["chosen_judge_mean"] - result["pairs"]["rejected_judge_mean"],
+                    proxy_eval_accuracy=result["proxy_eval_accuracy"])
+    assert abs(sft["kl"]) < 0.05  # the SFT model against itself
+    # spread over seeds 0-4 x 1 and 2 torch threads (tests/spread.py): every trained
+    # policy's KL 0.80 or more, its judge above the SFT model's by 0.078 or more (0.12-0.29 but for seed 3), the
+    # weakest KL penalty's PPO KL above the strongest's by 4.8-12.1
+    assert all(p["kl"] > 0.1 for p in trained)  # every policy moved away from the SFT model
+    assert all(p["judge"] > sft["judge"] + 0.02 for p in trained)  # ... towards happier reviews
     assert points[("ppo", lo)]["kl"] > points[("ppo", hi)]["kl"]  # a weaker KL penalty lets PPO move further
     for p in result["points"]:
         assert -1 <= p["judge"] <= 1 and -1 <= p["judge_greedy"] <= 1

@@ -14,10 +14,10 @@ import torch
 from align.stages import load_recipe
 from align.errors import AlignError
 from align.runner import run_recipe
-from conftest import REPO, tiny_pref_stage, tiny_sft_stage, write_recipe
+from conftest import REPO, SEED, copy_stages, record_learning, write_recipe
 
-CHATTY_SFT = REPO / "recipes" / "data" / "tiny_chatty_sft.jsonl"
 PROMPTS = REPO / "recipes" / "data" / "tiny_prompts.jsonl"
+GRPO_RECIPE = REPO / "recipes" / "tiny-sft-rm-grpo.yaml"
 FILLER = "I hope this helps"
 
 
@@ -50,14 +50,10 @@ def online_stage(model, **overrides) -> dict:
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory, tiny_model):
-    """A chatty SFT policy (adds the filler by habit) and a reward model that dislikes the filler, trained once."""
-    out = tmp_path_factory.mktemp("grpo-base")
-    stages = {"sft": tiny_sft_stage(tiny_model, data=str(CHATTY_SFT)),
-              "reward": tiny_pref_stage("${sft}", max_steps=12)}
-    recipe = write_recipe(out / "recipe.yaml", out / "run", stages)
-    run_recipe(load_recipe(recipe))
-    return out / "run", stages
+def base(ppo_upstream, tmp_path_factory):
+    """A chatty SFT policy (adds the filler by habit) and a reward model that dislikes the filler: the shipped
+    tiny recipes' SFT and reward stages (the same in the PPO, GRPO and DPO recipes; trained once, conftest)."""
+    return copy_stages(ppo_upstream, tmp_path_factory.mktemp("grpo-base") / "run"), None
 
 
 def samples(path):
@@ -65,14 +61,26 @@ def samples(path):
 
 
 def test_grpo_raises_the_reward_models_score(base, tmp_path):
-    run, stages = base
-    recipe = write_recipe(tmp_path / "grpo.yaml", run, {**stages, "grpo": online_stage("${sft}")})
-    metrics = run_recipe(load_recipe(recipe))["grpo"]
-    assert metrics["eval_reward_after"] > metrics["eval_reward_before"] + 0.5  # +1.4 to +2.4 measured
-    assert metrics["eval_win_rate"] >= 0.7
-    assert metrics["train_reward_last"] > metrics["train_reward_first"]
+    run, _ = base
+    # The recipe's answer length (24 tokens: the filler comes after the answer) and 32 held-out prompts
+    grpo = {k: v for k, v in online_stage("${sft}", response_length=24, max_new_tokens=24, eval_prompts=32).items()
+            if k not in ("model", "data")}
+    recipe = load_recipe(GRPO_RECIPE, [f"output_dir={run}", f"seed={SEED}",
+                                       *(f"stages.grpo.{k}={v}" for k, v in grpo.items())])
+    metrics = run_recipe(recipe)["grpo"]  # the SFT and reward stages are skipped: complete, same inputs
     rows = samples(run / "grpo" / "samples.jsonl")
     with_filler = lambda key: sum(FILLER in s[key] for s in rows)  # noqa: E731
+    record_learning("test_grpo_raises_the_reward_models_score",
+                    reward_gain=metrics["eval_reward_after"] - metrics["eval_reward_before"],
+                    win_rate=metrics["eval_win_rate"], win_rate_lo=metrics["eval_win_rate_ci"][0],
+                    train_reward_gain=metrics["train_reward_last"] - metrics["train_reward_first"],
+                    filler_before=with_filler("before") / len(rows), filler_after=with_filler("after") / len(rows))
+    # spread over seeds 0-4 x 1 and 2 torch threads (tests/spread.py): held-out reward up 2.69-4.50, the filler in
+    # 53-69% of the answers before and none after, train reward up 1.15-2.18; win rate 0.59-1.00 (answers that
+    # had no filler tie, at 0.5 each, so the rate sits nearer 0.5 than the reward gain suggests)
+    assert metrics["eval_reward_after"] > metrics["eval_reward_before"] + 1.0
+    assert metrics["eval_win_rate"] > 0.5
+    assert metrics["train_reward_last"] > metrics["train_reward_first"]
     assert with_filler("after") < with_filler("before") / 2
     steps = [json.loads(line) for line in (run / "grpo" / "log.jsonl").read_text().splitlines()]
     trained = [s for s in steps if "loss" in s]
@@ -85,10 +93,13 @@ def test_rloo_learns_from_a_reward_fn(base, tmp_path):
     run, _ = base
     stage = online_stage(str(run / "sft" / "model"), type="rloo", reward_fn="test_grpo:brevity", beta=0.05,
                          max_steps=10)
-    recipe = write_recipe(tmp_path / "rloo.yaml", tmp_path / "run", {"rloo": stage})
+    recipe = write_recipe(tmp_path / "rloo.yaml", tmp_path / "run", {"rloo": stage}, seed=SEED)
     metrics = run_recipe(load_recipe(recipe))["rloo"]
-    # brevity is minus a tenth of the word count: the held-out greedy answers (new prompts, 2.1 words on average
-    # before) lose more than half their words (measured: 2.1 -> 0.6)
+    record_learning("test_rloo_learns_from_a_reward_fn", reward_fn_before=metrics["eval_reward_fn_before"],
+                    reward_fn_after=metrics["eval_reward_fn_after"],
+                    train_reward_gain=metrics["train_reward_last"] - metrics["train_reward_first"])
+    # brevity is minus a tenth of the word count: the held-out greedy answers (new prompts) lose more than half
+    # their words (over seeds 0-4 x 1 and 2 threads: 5.5-6.5 words before, 1.3-1.9 after)
     assert metrics["eval_reward_fn_before"] < -0.1
     assert metrics["eval_reward_fn_after"] > metrics["eval_reward_fn_before"] / 2
     assert metrics["train_reward_last"] > metrics["train_reward_first"]

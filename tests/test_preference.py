@@ -9,41 +9,58 @@ from align.config import DPO_LOSS_TYPES
 from align.stages import load_recipe
 from align.errors import AlignError
 from align.runner import run_recipe
-from conftest import REPO, TINY_PREFS, tiny_pref_stage, write_recipe
+from conftest import REPO, SEED, TINY_PREFS, copy_stages, record_learning, tiny_pref_stage, write_recipe
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    """The shipped tiny SFT -> reward -> DPO recipe, run once for the tests below."""
-    out = tmp_path_factory.mktemp("pipeline")
-    recipe = load_recipe(REPO / "recipes" / "tiny-sft-rm-dpo.yaml", [f"output_dir={out}"])
+def pipeline(ppo_upstream, tmp_path_factory):
+    """The shipped tiny SFT -> reward -> DPO recipe, run once for the tests below (its SFT and reward stages are
+    the PPO recipe's, trained once: conftest)."""
+    out = copy_stages(ppo_upstream, tmp_path_factory.mktemp("pipeline"))
+    recipe = load_recipe(REPO / "recipes" / "tiny-sft-rm-dpo.yaml", [f"output_dir={out}", f"seed={SEED}"])
     return out, run_recipe(recipe)
 
 
 def test_reward_model_learns_the_preference(pipeline):
     _, metrics = pipeline
     reward = metrics["reward"]
+    record_learning("test_reward_model_learns_the_preference", accuracy=reward["eval_accuracy"],
+                    accuracy_gain=reward["eval_accuracy"] - reward["eval_accuracy_before"],
+                    loss_drop=reward["eval_loss_before"] - reward["eval_loss"])
+    # spread over seeds 0-4 x 1 and 2 torch threads (tests/spread.py): held-out accuracy 1.00 in all
+    # 10 (0.23-0.73 before: an untrained head is a coin toss, so "+0.3" could not hold from 0.73), loss
+    # down 0.67-0.71 (from ~0.69, ln 2)
     assert reward["eval_accuracy"] >= 0.9
-    assert reward["eval_accuracy"] > reward["eval_accuracy_before"] + 0.3
-    assert reward["eval_loss"] < reward["eval_loss_before"]
+    assert reward["eval_accuracy"] > reward["eval_accuracy_before"]
+    assert reward["eval_loss"] < reward["eval_loss_before"] - 0.4
 
 
 def test_dpo_learns_and_the_reward_model_sees_it(pipeline):
     out, metrics = pipeline
     dpo = metrics["dpo"]
+    samples = [json.loads(line) for line in (out / "dpo" / "samples.jsonl").read_text().splitlines()]
+    with_filler = lambda key: sum("I hope this helps" in s[key] for s in samples)  # noqa: E731
+    record_learning("test_dpo_learns_and_the_reward_model_sees_it", accuracy=dpo["eval_rewards/accuracies"],
+                    loss_drop=dpo["eval_loss_before"] - dpo["eval_loss"],
+                    reward_gain=dpo["eval_reward_after"] - dpo["eval_reward_before"],
+                    win_rate=dpo["eval_win_rate"], win_rate_lo=dpo["eval_win_rate_ci"][0],
+                    ref_nll_rise=dpo["eval_ref_nll_after"] - dpo["eval_ref_nll_before"],
+                    hacking=float(dpo["hacking_suspected"]), filler_before=with_filler("before") / len(samples),
+                    filler_after=with_filler("after") / len(samples))
     assert dpo["eval_rewards/accuracies"] >= 0.9
     assert dpo["eval_loss"] < dpo["eval_loss_before"]
+    # spread over seeds 0-4 x 1 and 2 torch threads (tests/spread.py): reward gain 2.81-4.50, win
+    # rate 0.69-1.00 (bootstrap lower end 0.53-1.00), held-out accuracy 1.00, loss down 0.54-0.62, reference
+    # NLL up 0.39-0.74, filler in 53-69% of the answers before and none after
     assert dpo["eval_reward_after"] > dpo["eval_reward_before"] + 1.0
-    assert dpo["eval_win_rate"] >= 0.7
+    assert dpo["eval_win_rate"] > 0.5
     lo, hi = dpo["eval_win_rate_ci"]
     assert lo <= dpo["eval_win_rate"] <= hi and 0 <= dpo["eval_lc_win_rate"] <= 1
     # Dropping the filler is what the pairs ask: no sign of reward hacking (tests/test_hacking.py has one)
     assert dpo["hacking_suspected"] is False and dpo["hacking_reasons"] == []
-    assert dpo["eval_ref_nll_after"] - dpo["eval_ref_nll_before"] < 1.0  # measured 0.34
+    assert dpo["eval_ref_nll_after"] - dpo["eval_ref_nll_before"] < 1.2
     # The behaviour the pairs teach: the filler sentence disappears from greedy answers.
-    samples = [json.loads(line) for line in (out / "dpo" / "samples.jsonl").read_text().splitlines()]
-    with_filler = lambda key: sum("I hope this helps" in s[key] for s in samples)  # noqa: E731
-    assert with_filler("before") >= len(samples) // 2
+    assert with_filler("before") >= len(samples) // 3
     assert with_filler("after") <= len(samples) // 10
     assert dpo["eval_prompts"] == len({json.dumps(s["prompt"]) for s in samples})  # distinct prompts
 
@@ -82,7 +99,7 @@ def test_second_run_skips_every_stage(pipeline, caplog):
 
     out, metrics = pipeline
     caplog.set_level(logging.INFO, logger="align")
-    again = run_recipe(load_recipe(REPO / "recipes" / "tiny-sft-rm-dpo.yaml", [f"output_dir={out}"]))
+    again = run_recipe(load_recipe(REPO / "recipes" / "tiny-sft-rm-dpo.yaml", [f"output_dir={out}", f"seed={SEED}"]))
     assert caplog.text.count("skipping") == 3
     assert again["dpo"]["eval_reward_after"] == metrics["dpo"]["eval_reward_after"]
     assert "eval_win_rate" in (out / "report.md").read_text()
@@ -157,12 +174,14 @@ def test_lora_dpo_holds_no_second_model(tiny_model, tmp_path):
     DPOTrainer.__init__ = spy
     try:
         stage = tiny_pref_stage(tiny_model, max_steps=4, lora={"r": 8}, ref_cache=False, lr=5e-3)
-        metrics = run_recipe(load_recipe(write_recipe(tmp_path / "r.yaml", tmp_path / "o", {"dpo": stage})))["dpo"]
+        metrics = run_recipe(load_recipe(write_recipe(tmp_path / "r.yaml", tmp_path / "o", {"dpo": stage},
+                                                      seed=SEED)))["dpo"]
     finally:
         DPOTrainer.__init__ = init
+    record_learning("test_lora_dpo_holds_no_second_model", margin=metrics["eval_rewards/margins"])
     assert seen["ref_model"] is None
     assert (tmp_path / "o" / "dpo" / "model" / "adapter_config.json").exists()
-    assert metrics["eval_rewards/margins"] > 0
+    assert metrics["eval_rewards/margins"] > 0  # 0.55-0.61 over seeds 0-4 x 1 and 2 threads
 
 
 def test_kto_learns_from_unpaired_labels(tiny_model, tmp_path):
@@ -171,8 +190,13 @@ def test_kto_learns_from_unpaired_labels(tiny_model, tmp_path):
     data.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r[k], "label": k == "chosen"}) + "\n"
                             for r in rows for k in ("chosen", "rejected")))
     stage = tiny_pref_stage(tiny_model, data=str(data), lr=1e-3, epochs=1)
-    metrics = run_recipe(load_recipe(write_recipe(tmp_path / "r.yaml", tmp_path / "o", {"kto": stage})))["kto"]
+    metrics = run_recipe(load_recipe(write_recipe(tmp_path / "r.yaml", tmp_path / "o", {"kto": stage},
+                                                  seed=SEED)))["kto"]
+    record_learning("test_kto_learns_from_unpaired_labels",
+                    loss_drop=metrics["eval_loss_before"] - metrics["eval_loss"],
+                    reward_gap=metrics["eval_rewards/chosen"] - metrics["eval_rewards/rejected"])
     assert metrics["eval_loss"] < metrics["eval_loss_before"]
+    # over seeds 0-4 x 1 and 2 threads: loss down 0.30, the chosen-rejected reward gap 2.90-2.97
     assert metrics["eval_rewards/chosen"] > metrics["eval_rewards/rejected"]
 
 
@@ -181,9 +205,10 @@ def test_reward_stage_starts_from_a_lora_sft_adapter(tiny_model, tmp_path):
 
     stages = {"sft": tiny_sft_stage(tiny_model, max_steps=3, lora={"r": 4}),
               "reward": tiny_pref_stage("${sft}", epochs=1)}
-    metrics = run_recipe(load_recipe(write_recipe(tmp_path / "r.yaml", tmp_path / "o", stages)))
+    metrics = run_recipe(load_recipe(write_recipe(tmp_path / "r.yaml", tmp_path / "o", stages, seed=SEED)))
+    record_learning("test_reward_stage_starts_from_a_lora_sft_adapter", accuracy=metrics["reward"]["eval_accuracy"])
     assert (tmp_path / "o" / "sft" / "model" / "adapter_config.json").exists()
-    assert metrics["reward"]["eval_accuracy"] >= 0.9
+    assert metrics["reward"]["eval_accuracy"] >= 0.9  # 1.00 in 10 runs: seeds 0-4 x 1 and 2 threads
 
 
 def test_kto_drops_or_counts_rows_longer_than_max_length(tiny_model, tmp_path, caplog):

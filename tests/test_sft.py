@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from align.stages import load_recipe
 from align.runner import run_recipe
-from conftest import tiny_sft_stage, write_recipe
+from conftest import SEED, record_learning, tiny_sft_stage, write_recipe
 
 
 def held_out_loss(model, tok, rows) -> float:
@@ -27,30 +27,37 @@ def held_out_loss(model, tok, rows) -> float:
 
 def test_full_sft_lowers_held_out_loss(tiny_model, tmp_path):
     out = tmp_path / "run"
-    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", out, {"sft": tiny_sft_stage(tiny_model, epochs=3)}))
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", out, {"sft": tiny_sft_stage(tiny_model, epochs=3)},
+                                      seed=SEED))
     metrics = run_recipe(recipe)["sft"]
-
-    # Random weights over a 512-token vocabulary start near ln(512) = 6.24.
-    assert 5.5 < metrics["eval_loss_before"] < 7.0
-    # Measured 2.09 (6.20 before) on prompts training never saw; 1.48 when the held-out rows repeated training rows.
-    assert metrics["eval_loss"] < 2.3
-    assert metrics["eval_loss"] < 0.35 * metrics["eval_loss_before"]
-    assert metrics["global_step"] == 102  # ceil(540 / 16) * 3 epochs
-
-    # The saved model is a plain transformers folder, and it is the trained one.
     saved = out / "sft" / "model"
     model = AutoModelForCausalLM.from_pretrained(saved)
     tok = AutoTokenizer.from_pretrained(saved)
     rows = [json.loads(line)["messages"] for line in open(tiny_sft_stage(tiny_model)["data"])][:40]
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
-    assert held_out_loss(model, tok, rows) < 0.4 * held_out_loss(base, tok, rows)
+    trained_over_base = held_out_loss(model, tok, rows) / held_out_loss(base, tok, rows)
+    log = [json.loads(line) for line in (out / "sft" / "log.jsonl").read_text().splitlines()]
+    train_logs = [r for r in log if "loss" in r]
+    record_learning("test_full_sft_lowers_held_out_loss", eval_loss_before=metrics["eval_loss_before"],
+                    eval_loss=metrics["eval_loss"], eval_loss_ratio=metrics["eval_loss"] / metrics["eval_loss_before"],
+                    trained_over_base=trained_over_base, train_loss_drop=train_logs[0]["loss"] - train_logs[-1]["loss"])
+
+    # Random weights over a 512-token vocabulary start near ln(512) = 6.24.
+    assert 5.5 < metrics["eval_loss_before"] < 7.0
+    # spread over seeds 0-4 x 1 and 2 torch threads (tests/spread.py): 1.89-2.09 from
+    # 6.19-6.21 on prompts training never saw (ratio 0.30-0.34); the saved model's loss on 40 rows 0.363-0.371
+    # of the untrained one's; the training loss down 4.12-4.19.
+    assert metrics["eval_loss"] < 2.4
+    assert metrics["eval_loss"] < 0.4 * metrics["eval_loss_before"]
+    assert metrics["global_step"] == 102  # ceil(540 / 16) * 3 epochs
+
+    # The saved model is a plain transformers folder, and it is the trained one.
+    assert trained_over_base < 0.45
 
     manifest = json.loads((out / "sft" / "manifest.json").read_text())
     assert manifest["status"] == "complete"
     assert manifest["config"]["lr"] == 3e-3
     assert {"torch", "transformers", "trl"} <= set(manifest["versions"])
-    log = [json.loads(line) for line in (out / "sft" / "log.jsonl").read_text().splitlines()]
-    train_logs = [r for r in log if "loss" in r]
     assert train_logs[-1]["loss"] < train_logs[0]["loss"] - 2
     assert all(r["tokens_per_s"] > 0 and r["peak_rss_mb"] > 0 for r in train_logs)
     report = (out / "report.md").read_text()
@@ -65,18 +72,23 @@ def test_lora_sft_on_an_earlier_stage_saves_an_adapter_that_peft_loads(tiny_mode
     stages = {"sft": tiny_sft_stage(tiny_model, epochs=1),
               "sft_lora": tiny_sft_stage("${sft}", type="sft", lr=1e-2, epochs=4,
                                          lora={"r": 16, "alpha": 32, "dropout": 0.0})}
-    metrics = run_recipe(load_recipe(write_recipe(tmp_path / "r.yaml", out, stages)))
+    metrics = run_recipe(load_recipe(write_recipe(tmp_path / "r.yaml", out, stages, seed=SEED)))
     first, second = metrics["sft"], metrics["sft_lora"]
-    assert abs(second["eval_loss_before"] - first["eval_loss"]) < 1e-4  # it started from the first stage's model
-    assert second["eval_loss"] < second["eval_loss_before"] - 0.15
-
     saved = out / "sft_lora" / "model"
-    assert (saved / "adapter_config.json").exists() and not (saved / "model.safetensors").exists()
     model = AutoPeftModelForCausalLM.from_pretrained(saved)
     start = AutoModelForCausalLM.from_pretrained(out / "sft" / "model")
     tok = AutoTokenizer.from_pretrained(saved)
     rows = [json.loads(line)["messages"] for line in open(stages["sft"]["data"])][:40]
-    assert held_out_loss(model, tok, rows) < held_out_loss(start, tok, rows) - 0.15
+    held_out_drop = held_out_loss(start, tok, rows) - held_out_loss(model, tok, rows)
+    record_learning("test_lora_sft_on_an_earlier_stage_saves_an_adapter_that_peft_loads",
+                    eval_loss_drop=second["eval_loss_before"] - second["eval_loss"], held_out_drop=held_out_drop)
+    assert abs(second["eval_loss_before"] - first["eval_loss"]) < 1e-4  # it started from the first stage's model
+    # spread over seeds 0-4 x 1 and 2 torch threads (tests/spread.py): held-out loss down
+    # 0.21-0.26 in the stage's eval, 0.20-0.24 on 40 rows loaded through PEFT
+    assert second["eval_loss"] < second["eval_loss_before"] - 0.12
+
+    assert (saved / "adapter_config.json").exists() and not (saved / "model.safetensors").exists()
+    assert held_out_drop > 0.12
 
 
 def test_lora_merged_on_request_is_a_full_model(tiny_model, tmp_path):
@@ -94,7 +106,7 @@ def test_assistant_only_loss_ignores_prompt_tokens(tiny_model, tmp_path):
     """With assistant-only loss the model learns answers, not prompts: prompt-token loss stays high."""
     out = tmp_path / "run"
     stage = tiny_sft_stage(tiny_model, epochs=3)
-    run_recipe(load_recipe(write_recipe(tmp_path / "r.yaml", out, {"sft": stage})))
+    run_recipe(load_recipe(write_recipe(tmp_path / "r.yaml", out, {"sft": stage}, seed=SEED)))
     model = AutoModelForCausalLM.from_pretrained(out / "sft" / "model").eval()
     tok = AutoTokenizer.from_pretrained(tiny_model)
     answer_loss = held_out_loss(model, tok, [[{"role": "user", "content": "Count from 4 to 7."},
@@ -102,7 +114,11 @@ def test_assistant_only_loss_ignores_prompt_tokens(tiny_model, tmp_path):
     ids = torch.tensor([tok.encode("<|im_start|>user\nCount from 4 to 7.<|im_end|>\n")])
     with torch.no_grad():
         prompt_loss = model(input_ids=ids, labels=ids).loss.item()
-    assert answer_loss < 2.5
+    record_learning("test_assistant_only_loss_ignores_prompt_tokens", answer_loss=answer_loss,
+                    prompt_minus_answer=prompt_loss - answer_loss)
+    # spread over seeds 0-4 x 1 and 2 torch threads (tests/spread.py): answer loss
+    # 2.19-2.33, prompt loss above it by 3.50-3.78
+    assert answer_loss < 2.6
     assert prompt_loss > answer_loss + 2.0, (prompt_loss, answer_loss)
 
 
@@ -122,10 +138,11 @@ def test_packing_and_tensorboard(tiny_model, tmp_path):
     out = tmp_path / "run"
     stage = tiny_sft_stage(tiny_model, packing=True, max_steps=12, report_to="tensorboard", eval_steps=6,
                            logging_steps=2)
-    metrics = run_recipe(load_recipe(write_recipe(tmp_path / "r.yaml", out, {"sft": stage})))["sft"]
+    metrics = run_recipe(load_recipe(write_recipe(tmp_path / "r.yaml", out, {"sft": stage}, seed=SEED)))["sft"]
+    record_learning("test_packing_and_tensorboard", eval_loss_drop=metrics["eval_loss_before"] - metrics["eval_loss"])
     # Packed rows fill max_length=64, so 12 steps of 16 rows see far more tokens than unpacked rows (~27 each).
     assert metrics["num_input_tokens_seen"] > 12 * 16 * 40
-    assert metrics["eval_loss"] < metrics["eval_loss_before"]
+    assert metrics["eval_loss"] < metrics["eval_loss_before"]  # down 1.24-1.32 over seeds 0-4 x 1 and 2 threads
     assert list((out / "sft" / "tensorboard").glob("events.out.tfevents.*"))
 
 
