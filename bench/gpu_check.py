@@ -15,7 +15,7 @@ reason), its seconds, the peak GPU memory and tokens/s where they apply:
     zero2-sft       the same under recipes/accelerate/zero2.yaml (DeepSpeed ZeRO-2); skipped without deepspeed
     ppo-vllm        bf16 PPO steps sampling with vLLM in the training process, new weights synced each step
     rollouts        bench/rollouts.py: HF batched vs vLLM tokens/s (the vLLM side skipped without vllm)
-    pytest-gpu      `pytest -m gpu` over the test files that hold GPU tests
+    pytest-gpu      `pytest -m "gpu or vllm"` over the test files that hold GPU or vLLM tests
 
 The cheap steps go first and the vLLM ones last, so a budget cut (--budget, 450 s by default) drops the
 slowest. Per-stage numbers come from each run's own files (`<output_dir>/<stage>/manifest.json`,
@@ -130,9 +130,10 @@ def choose_model(spec: str, work: Path) -> tuple[str, str]:
 
 
 def gpu_test_files() -> list[str]:
-    """Test files that hold tests marked gpu (collecting the whole suite would import the labeling app's deps)."""
+    """Test files that hold tests marked gpu or vllm (collecting the whole suite would import the labeling app's
+    deps)."""
     return sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_*.py")
-                  if re.search(r"mark\.gpu\b", p.read_text()))
+                  if re.search(r"mark\.(gpu|vllm)\b", p.read_text()))
 
 
 def build_plan(args) -> list[Step]:
@@ -177,7 +178,8 @@ def build_plan(args) -> list[Step]:
         Step("rollouts", "bench/rollouts.py: HF batched vs vLLM, 256 prompts x 4, 128 new tokens",
              [py, "bench/rollouts.py", "--model", model, "--prompts", "256", "--n", "4", "--max-new-tokens", "128",
               "--skip-one-at-a-time"], 180, needs=("transformers",), after=("models",), collect=collect_rollouts),
-        Step("pytest-gpu", "the tests marked gpu", [py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
+        Step("pytest-gpu", "the tests marked gpu or vllm", [py, "-m", "pytest", "-m", "gpu or vllm", "-q", "-p",
+                                                              "no:cacheprovider",
              *gpu_test_files()], 180, needs=("pytest",), collect=collect_pytest),
     ]
 

