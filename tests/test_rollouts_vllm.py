@@ -148,7 +148,6 @@ def test_a_seeded_batch_longer_than_one_step_samples_and_repeats(engine):
     assert sum(len({tuple(c.token_ids) for c in g}) > 1 for g in first) > 32  # the 4 samples of a prompt differ
 
 
-@pytest.mark.skipif(BUILD == "cpu", reason="vLLM's CPU build cannot load new weights (CPU_SYNC_REFUSED)")
 def test_load_weights_switches_the_policy_and_back(engine, models):
     from peft import LoraConfig, get_peft_model
 
@@ -169,7 +168,6 @@ def test_load_weights_switches_the_policy_and_back(engine, models):
     assert first_tokens(greedy(engine)) == first_tokens(before)
 
 
-@pytest.mark.skipif(BUILD == "cpu", reason="vLLM's CPU build cannot load new weights (CPU_SYNC_REFUSED)")
 def test_a_one_gpu_sync_takes_no_timeout(engine, models):
     # vLLM's in-process UniProcExecutor ignores collective_rpc's timeout: the sync runs to its end.
     _, a, _, tokenizer = models
@@ -183,18 +181,22 @@ def test_a_one_gpu_sync_takes_no_timeout(engine, models):
 
 
 @pytest.mark.skipif(BUILD != "cpu", reason="vLLM's CPU build only")
-def test_the_cpu_build_refuses_a_weight_sync_and_the_stages_that_need_one(engine, models, tmp_path):
-    """What was measured (align.rollouts.vllm.CPU_SYNC_REFUSED): the CPU build repacks its linear layers once
-    loaded, so new weights cannot go in. A sync is one AlignError line and the engine still serves rollouts;
-    PPO, GRPO and RLOO on engine vllm are refused by the stage checks, before anything loads."""
+def test_the_cpu_build_refuses_tied_embeddings_and_the_stages_not_run_on_it(engine, models, tmp_path):
+    """What was measured (align.rollouts.vllm.CPU_TIED_REFUSED): after a reload the CPU build's packed lm_head
+    keeps a tied embedding's old weights, so a tied policy's sync is one AlignError line and the engine keeps
+    what it had; PPO, GRPO and RLOO on engine vllm are refused by the stage checks, before anything loads."""
+    import copy
+
     from align.errors import AlignError
     from align.stages import check_recipe, load_recipe
     from conftest import REPO
 
     _, a, b, _ = models
     before = greedy(engine)
-    with pytest.raises(AlignError, match="cannot load new policy weights"):
-        engine.load_weights(b)
+    tied = copy.deepcopy(b)
+    tied.config.tie_word_embeddings = True
+    with pytest.raises(AlignError, match="tie_word_embeddings cannot take new weights"):
+        engine.load_weights(tied)
     assert [g[0].token_ids for g in greedy(engine)] == [g[0].token_ids for g in before]
     for recipe, stage in (("tiny-sft-rm-ppo.yaml", "ppo"), ("tiny-sft-rm-grpo.yaml", "grpo")):
         overrides = [f"output_dir={tmp_path / stage}", f"stages.{stage}.engine=vllm"]

