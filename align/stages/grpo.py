@@ -29,9 +29,11 @@ just asked) stays. Evaluation: greedy completions of up to `eval_prompts` held-o
 before and after, scored by the reward model (`eval_reward_before/after`, `eval_win_rate`,
 as for DPO) and by `reward_fn` when given (`eval_reward_fn_before/after`).
 
-Engine: `hf` samples with `generate` (CPU or GPU); `vllm` is TRL's vLLM (`use_vllm`), which
-needs a CUDA GPU: colocated in the training process(es) by default, or with `vllm_mode: server` a
-running `trl vllm-serve` on other GPUs (`engine_settings`).
+Engine: `hf` samples with `generate` (CPU or GPU); `vllm` is TRL's vLLM (`use_vllm`): colocated in
+the training process(es) by default, on a CUDA GPU or on vLLM's CPU build (where TRL's per-parameter
+weight load fails and `align.rollouts.vllm_internals.sync_trl_colocate_on_cpu` loads them in one
+reload), or with `vllm_mode: server` a running `trl vllm-serve` on other GPUs (`engine_settings`;
+CUDA only: TRL sends the weights over NCCL).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from pathlib import Path
 from align.artifacts import StepLog, Timer
 from align.config import GRPOStage, RLOOStage
 from align.errors import AlignError
+from align.rollouts import vllm_build
 from align.models import apply_lora, drop_ref_adapter, load_model, load_tokenizer, reference_model
 from align.stages.checks import check_groups, check_vllm
 from align.stages.online import load_reward_fn, prompt_rows
@@ -70,7 +73,7 @@ def preflight(stage, name: str, reward_path: str | None) -> tuple[dict, object]:
     """(TRL's engine settings, the reward_fn or None). `align run` made these checks before the first stage;
     they run again here for a caller of this function alone (a test, a script)."""
     if stage.engine == "vllm":
-        check_vllm(f"stages.{name}.engine")
+        check_vllm(f"stages.{name}.engine", server=stage.vllm_mode == "server")
     check_groups(stage, f"stages.{name}")
     engine_args = engine_settings(stage)
     user_fn = load_reward_fn(stage.reward_fn, name) if stage.reward_fn else None
@@ -131,6 +134,10 @@ def _run(stage, name: str, out_dir: Path, model_path: str, reward_path: str | No
                           callbacks=[AlignCallback(step_log),
                                      periodic_eval_callback(report, tokenizer, step_log, stage.eval_steps)])
     drop_ref_adapter(trainer.model)
+    if stage.engine == "vllm" and vllm_build() == "cpu":
+        from align.rollouts.vllm_internals import sync_trl_colocate_on_cpu
+
+        sync_trl_colocate_on_cpu(trainer)
 
     metrics = train_with_resume(trainer, out_dir, step_log)
     save_model(trainer.model, tokenizer, out_dir / "model", stage.merge_lora, trainer=trainer)
