@@ -19,7 +19,8 @@ PACKAGES = ("align", "reward", "labeling_app")
 
 CORE = {"align", "align.__init__", "align.errors", "align.artifacts", "align.data", "align.models", "align.config",
         "align.training", "align.losses", "align.sequences", "align.rollouts", "align.rollouts.hf",
-        "align.rollouts.vllm", "align.rollouts.vllm_internals", "align.generate", "align.chat_template", "align.tiny", "align.console",
+        "align.rollouts.vllm", "align.rollouts.vllm_internals", "align.generate", "align.chat_template", "align.tiny",
+        "align.console",
         "align.distributed", "align.judges", "align.forgetting", "align.hacking", "align.prefix_sharing"}
 PIPELINE = {"align.__main__", "align.cli", "align.runner", "align.report", "align.evaluate", "align.policy_eval",
             "align.demo", "align.rollouts.cli", "align.stages", "align.launch", "align.data_check"}
