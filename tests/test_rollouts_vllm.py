@@ -128,6 +128,21 @@ def test_rows_stop_at_eos_seeds_and_logps(engine, models):
     tokens = lambda groups: [[c.token_ids for c in g] for g in groups]
     assert tokens(run(0)) == tokens(first)
     assert tokens(run(1)) != tokens(first)
+    # One seeded call, n=4, on a flat copy of the model (its lm_head / 50: near uniform over 512 tokens; this one
+    # is peaked enough that most samples repeat): no two of its 20 completions equal, so the 4 samples of one
+    # request draw different streams; and the same call again gives the same rows.
+    import copy
+
+    flat = copy.deepcopy(a)
+    with torch.no_grad():
+        flat.lm_head.weight.div_(50)
+    engine.load_weights(flat)
+    try:
+        spread = tokens(run(0))
+        assert len({tuple(t) for group in spread for t in group}) == 4 * len(PROMPTS)
+        assert tokens(run(0)) == spread
+    finally:
+        engine.load_weights(a)
     for c in (c for g in first for c in g):
         assert c.finished == (eos in c.token_ids)
         assert eos not in c.token_ids[:-1]
