@@ -39,6 +39,9 @@ if THREADS:  # children (align run in a subprocess, torchrun ranks) inherit it t
 CACHE_VARIABLES = {"ALIGN_CACHE": "align", "HF_HOME": "huggingface", "HF_DATASETS_CACHE": "huggingface/datasets",
                    "MPLCONFIGDIR": "matplotlib", "XDG_CACHE_HOME": "xdg", "TRITON_CACHE_DIR": "triton",
                    "VLLM_CACHE_ROOT": "vllm"}
+# vLLM's CPU build sizes its KV cache from gpu_memory_utilization x the machine's memory (0.3 x 24 GiB: 7 GiB per
+# engine, measured); the vLLM tests' tiny models need far less, and several engines live in one test process.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 HOME_CACHES = [Path.home() / ".cache" / name for name in ("align", "huggingface", "matplotlib", "torch", "vllm")]
 
 

@@ -312,19 +312,51 @@ def align_cli(*args):
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+def run_stages(recipe, overrides: list[str]) -> dict:
+    """`align run` in this process (the stages' vLLM engines then share its imports and compiled graphs: ~10 s a
+    run fewer than a child process), then its engines collected."""
+    import gc
+
+    from align.runner import run_recipe
+    from align.stages import load_recipe
+
+    try:
+        return run_recipe(load_recipe(recipe, overrides))
+    finally:
+        gc.collect()
+
+
 @pytest.fixture(scope="module")
 def upstream128(tmp_path_factory):
     """A tiny model of width 128 (vLLM's CPU attention takes heads of 32 and wider; the default tiny model's are 16)
     and the shipped tiny recipes' SFT and reward stages trained from it, once: (the run folder, the override that
     names the model). Tests copy the stages; `align run` then skips them (complete, same inputs)."""
-    from conftest import SEED
+    from align.tiny import build_tiny_model
+    from conftest import REPO, SEED
 
     root = tmp_path_factory.mktemp("upstream128")
-    align_cli("tiny-model", root / "base", "--hidden", "128")
+    build_tiny_model(root / "base", hidden=128)
     model = f"stages.sft.model={root / 'base'}"
-    align_cli("run", "recipes/tiny-sft-rm-ppo.yaml", f"output_dir={root / 'run'}", f"seed={SEED}", model,
-              "--stage", "sft", "--stage", "reward")
+    recipe = load_recipe_stages(REPO / "recipes" / "tiny-sft-rm-ppo.yaml", ("sft", "reward"))
+    run_stages(write_yaml(root / "upstream.yaml", recipe), [f"output_dir={root / 'run'}", f"seed={SEED}", model])
     return root / "run", model
+
+
+def load_recipe_stages(path, names) -> dict:
+    """The recipe file at `path` as a dict, only the stages `names`, data paths made absolute."""
+    import yaml
+
+    recipe = yaml.safe_load(path.read_text())
+    recipe["stages"] = {name: {**recipe["stages"][name], "data": str(path.parent / recipe["stages"][name]["data"])}
+                        for name in names}
+    return recipe
+
+
+def write_yaml(path, data):
+    import yaml
+
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
 
 
 def test_ppo_on_vllm_learns_as_with_the_hf_engine(upstream128, tmp_path):
@@ -332,14 +364,14 @@ def test_ppo_on_vllm_learns_as_with_the_hf_engine(upstream128, tmp_path):
     takes the policy's weights after every step, then the same PPO with the HF engine from the same SFT and reward
     stages. Both must raise the held-out reward-model score; vLLM's gain is held to half the HF engine's at least
     (over seeds 0-3 x 1 and 2 threads, tests/spread.py: vLLM 6.44-6.46, HF 6.30-6.47, vLLM's win rate 0.91-0.97)."""
-    from conftest import SEED, copy_stages, record_learning
+    from conftest import REPO, SEED, copy_stages, record_learning
 
     upstream, model = upstream128
     out = copy_stages(upstream, tmp_path / "run")
     results = {}
     for engine in ("vllm", "hf"):  # the second run starts ppo over (its inputs changed), sft and reward stay
-        align_cli("run", "recipes/tiny-sft-rm-ppo.yaml", f"output_dir={out}", f"seed={SEED}", model,
-                  f"stages.ppo.engine={engine}")
+        run_stages(REPO / "recipes" / "tiny-sft-rm-ppo.yaml", [f"output_dir={out}", f"seed={SEED}", model,
+                                                               f"stages.ppo.engine={engine}"])
         results[engine] = json.loads((out / "ppo" / "metrics.json").read_text())
         if engine == "vllm":
             rows = [json.loads(line) for line in (out / "ppo" / "log.jsonl").read_text().splitlines()]
@@ -363,19 +395,15 @@ def test_grpo_and_rloo_sample_from_trls_colocated_vllm(upstream128, tmp_path, me
     of what vLLM sampled) GRPO 3.25-3.62, RLOO 3.18-3.80, and -0.72 with the sync turned off (vLLM then samples
     the starting policy for ever); GRPO's `sampling/sampling_logp_difference/mean` (vLLM's log-probs of what it
     sampled against the trainer's) 0.0053-0.0058."""
-    import yaml
-
-    from conftest import REPO, SEED, copy_stages, record_learning, write_recipe
+    from conftest import REPO, SEED, copy_stages, record_learning
     from test_grpo import online_stage
 
     upstream, model = upstream128
     out = copy_stages(upstream, tmp_path / "run")
-    shipped = yaml.safe_load((REPO / "recipes" / "tiny-sft-rm-grpo.yaml").read_text())["stages"]
-    stages = {name: {**shipped[name], "data": str(REPO / "recipes" / shipped[name]["data"])}
-              for name in ("sft", "reward")}
-    stages["sft"]["model"] = model.partition("=")[2]
-    stages[method] = online_stage("${sft}", type=method, engine="vllm", response_length=24, max_new_tokens=24)
-    align_cli("run", write_recipe(tmp_path / f"{method}.yaml", out, stages, seed=SEED))
+    recipe = load_recipe_stages(REPO / "recipes" / "tiny-sft-rm-grpo.yaml", ("sft", "reward"))
+    recipe["stages"][method] = online_stage("${sft}", type=method, engine="vllm", response_length=24,
+                                            max_new_tokens=24)
+    run_stages(write_yaml(tmp_path / f"{method}.yaml", recipe), [f"output_dir={out}", f"seed={SEED}", model])
     metrics = json.loads((out / method / "metrics.json").read_text())
     steps = [json.loads(line) for line in (out / method / "log.jsonl").read_text().splitlines()]
     key = "sampling/sampling_logp_difference/mean"  # GRPO's; TRL's RLOO does not compare them
