@@ -163,27 +163,41 @@ def train_with_resume(trainer, out_dir: Path, step_log: StepLog) -> dict:
 def train_with_eval(trainer, out_dir: Path, step_log: StepLog, has_eval: bool) -> tuple[dict, dict, dict]:
     """(held-out metrics of the starting model, training metrics, held-out metrics after training).
 
-    The "before" numbers are measured once and kept in `eval_before.json`, so a resumed run
-    reports the true starting point rather than its checkpoint's."""
+    The "before" numbers come from transformers' `eval_on_start`: the trainer evaluates once it has prepared the
+    model together with its optimizer, before the first step. An `evaluate()` before `train()` prepares the model
+    alone, which FSDP2 refuses at the first stage ("When using FSDP2, a model and optimizer must be passed together
+    to Accelerator.prepare()", measured on an H200) and which under DDP left the model unwrapped, each rank training
+    its own copy (measured: 2 ranks ended with different weights). They are kept in `eval_before.json` as soon as
+    they exist, so a resumed run reports the true starting point rather than its checkpoint's."""
     before_path = out_dir / "eval_before.json"
     before = distributed.decide(lambda: read_json(before_path) or {})
+    first = None
     if has_eval and not before:  # every rank evaluates (the eval set is sharded); rank 0 writes
-        before = trainer.evaluate()
-        write_json(before_path, before)
-    unmark_eval_prepared(trainer)
-    metrics = train_with_resume(trainer, out_dir, step_log)
+        first = FirstEvaluation(before_path)
+        trainer.add_callback(first)
+        trainer.args.eval_on_start = True
+    try:
+        metrics = train_with_resume(trainer, out_dir, step_log)
+    finally:
+        if first is not None:
+            trainer.remove_callback(first)
+            trainer.args.eval_on_start = False
+    if first is not None:
+        before = first.metrics or {}
     after = trainer.evaluate() if has_eval else {}
     return before, metrics, after
 
 
-def unmark_eval_prepared(trainer) -> None:
-    """transformers 5.23 + accelerate 1.15: `evaluate()` before `train()` prepares the model in evaluation
-    mode and marks it prepared; `train()`'s `accelerator.prepare` then skips it, so under DDP the model is
-    never wrapped and each rank trains its own copy on its own shard, silently (measured: 2 ranks ended
-    with different weights). Drop the mark so that `train()` wraps the model."""
-    model = trainer.model
-    if trainer.model_wrapped is model and getattr(model, "_is_accelerate_prepared", False):
-        model._is_accelerate_prepared = False
+class FirstEvaluation(TrainerCallback):
+    """Keeps the metrics of the first evaluation (`eval_on_start`: the starting model) and writes them to `path`."""
+
+    def __init__(self, path: Path):
+        self.path, self.metrics = path, None
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self.metrics is None:
+            self.metrics = dict(metrics or {})
+            write_json(self.path, self.metrics)
 
 
 def save_model(model, tokenizer, out: Path, merge_lora: bool, trainer=None, state_dict: dict | None = None) -> None:

@@ -46,8 +46,9 @@ def test_two_ranks_at_half_the_batch_follow_one_process(tiny_model, tmp_path):
     """One process at batch 16 and two ranks at batch 8 see the same 16 rows per optimizer step (accelerate
     shards each global batch), so with gradients averaged over ranks the runs differ only by float summation
     order. Step 1's gradient norm agrees to 1e-5 (a rank that skipped the all-reduce would be off by ~20%, as
-    measured before `training.unmark_eval_prepared`); after 34 steps at lr 3e-3 the held-out loss agrees
-    within 2% (measured: 1.1% over 102 steps, 2.115 vs 2.091), far tighter than the 6.2 -> ~2 the loss moves."""
+    measured when the "before" evaluation ran ahead of `train()`: now `eval_on_start`, training.train_with_eval);
+    after 34 steps at lr 3e-3 the held-out loss agrees within 2% (measured: 1.1% over 102 steps, 2.115 vs 2.091),
+    far tighter than the 6.2 -> ~2 the loss moves."""
     one = write_recipe(tmp_path / "one.yaml", tmp_path / "one", {"sft": tiny_sft_stage(tiny_model, epochs=1)},
                        seed=SEED)
     two = write_recipe(tmp_path / "two.yaml", tmp_path / "two",

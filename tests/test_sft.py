@@ -155,3 +155,49 @@ def test_dry_run_checks_data_and_trains_nothing(tiny_model, tmp_path, python):
     assert r.returncode == 0, r.stderr
     assert "sft (sft)" in r.stdout and "600 rows" in r.stdout and "not run" in r.stdout
     assert not (out / "sft").exists()
+
+
+def test_the_starting_model_is_evaluated_after_model_and_optimizer_are_prepared_together(tiny_model, tmp_path,
+                                                                                         monkeypatch):
+    """Issue #20 item 1: FSDP2 crashed at the first stage, "When using FSDP2, a model and optimizer must be passed
+    together to Accelerator.prepare()" (accelerate/accelerator.py, `prepare`): the held-out "before" evaluation ran
+    `trainer.evaluate()` before `train()`, and transformers' evaluation loop prepares a model it finds unprepared
+    alone (transformers/trainer.py, `evaluation_loop`). accelerate 1.15 turns an FSDP2 plugin on a CPU into
+    MULTI_CPU or NO, so FSDP2 itself cannot run here; this test applies accelerate's FSDP2 rule to every `prepare`
+    of a real SFT stage instead (it failed before the fix: the model came alone). The "before" loss is still the
+    starting model's, measured once."""
+    from accelerate import Accelerator
+
+    prepare, prepare_model = Accelerator.prepare, Accelerator.prepare_model
+    calls, inside = [], []
+
+    def fsdp2_rule(self, *args, **kwargs):  # accelerate's own check when is_fsdp2, applied whatever the plugin
+        models = sum(isinstance(a, torch.nn.Module) for a in args)
+        optimizers = sum(isinstance(a, torch.optim.Optimizer) for a in args)
+        calls.append((models, optimizers))
+        if (models < 1 and optimizers > 0) or (models > 0 and optimizers < 1):
+            raise ValueError("When using FSDP2, a model and optimizer must be passed together to "
+                             "`Accelerator.prepare()`")
+        inside.append(True)
+        try:
+            return prepare(self, *args, **kwargs)
+        finally:
+            inside.pop()
+
+    def model_alone(self, model, *args, **kwargs):
+        # Without FSDP, transformers' evaluation loop prepares an unprepared model with prepare_model(model,
+        # evaluation_mode=True); under FSDP the same line is prepare(model): the model alone, the crash.
+        if not inside:
+            return fsdp2_rule(self, model)
+        return prepare_model(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "prepare", fsdp2_rule)
+    monkeypatch.setattr(Accelerator, "prepare_model", model_alone)
+    out = tmp_path / "run"
+    stage = tiny_sft_stage(tiny_model, epochs=1, max_steps=3, save_steps=50)
+    metrics = run_recipe(load_recipe(write_recipe(tmp_path / "r.yaml", out, {"sft": stage}, seed=SEED)))["sft"]
+    assert (1, 1) in calls and all(c == (1, 1) or c[0] == 0 == c[1] for c in calls), calls
+    assert 5.5 < metrics["eval_loss_before"] < 7.0  # the random starting model: near ln(512) = 6.24
+    assert json.loads((out / "sft" / "eval_before.json").read_text())["eval_loss"] == metrics["eval_loss_before"]
+    log = [json.loads(line) for line in (out / "sft" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "eval_loss" in r][0] == 0  # measured before the first step
